@@ -1,0 +1,6 @@
+"""sparse_engine: a small sparse-first inference engine for KV-cache compression research."""
+
+from .llm import LLM
+from .sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams"]

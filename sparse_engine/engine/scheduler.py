@@ -1,0 +1,89 @@
+"""`Scheduler`: continuous batching with chunked prefill, a token budget and recompute preemption.
+
+Each step walks the running sequences in admission order (decode tokens and prefill chunks may share a
+step), then admits waiting ones while the token budget, `max_num_seqs` and free KV slots allow. When
+a running sequence needs slots that are not free, the youngest running sequence is preempted: its
+slots return to the pool and it is re-queued to recompute its KV later (never a crash).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ..config import EngineConfig
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, method, pool):
+        self.config = config
+        self.method = method
+        self.pool = pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        return min(seq.num_pending, self.config.chunk_prefill_size, budget)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.method.release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.config.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        reserved = 0
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk(seq, budget)
+            need = self.method.slots_needed(seq, n)
+            while self.pool.num_free - reserved < need and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+            if self.pool.num_free - reserved < need:
+                self._preempt(seq)  # even alone it does not fit now; retry when others finish
+                continue
+            batch.append((seq, n))
+            reserved += need
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._chunk(seq, budget)
+            need = self.method.slots_needed(seq, n)
+            if self.pool.num_free - reserved < need:
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.method.new_sequence(seq)
+            self.running.append(seq)
+            batch.append((seq, n))
+            reserved += need
+            budget -= n
+        if not batch and self.waiting and not self.running:
+            seq = self.waiting[0]
+            raise RuntimeError(
+                f"Request {seq.seq_id} cannot be scheduled: it needs "
+                f"{self.method.slots_needed(seq, self._chunk(seq, self.config.max_num_batched_tokens))} KV "
+                f"slots for one chunk, the pool has {self.pool.num_free} free of {self.pool.num_slots}. "
+                "Raise kv_cache_bytes or lower chunk_prefill_size."
+            )
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.method.release(seq)
+        self.running.remove(seq)

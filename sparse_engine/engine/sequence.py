@@ -1,0 +1,56 @@
+"""`Sequence`: one request's tokens, progress through the KV cache, and status."""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+from ..sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams):
+        self.seq_id = next(_ids)
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.params = params
+        self.status = Status.WAITING
+        self.num_computed = 0  # tokens whose K/V is in the cache (prefix of token_ids)
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        self.kv = None  # SequenceKV, owned by the cache method
+        self.generator = None  # torch.Generator for seeded sampling
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the cache: the prompt (or its rest) during prefill, 1 during decode."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_pending > 1 or self.num_computed < self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED

@@ -1,0 +1,243 @@
+"""`LLM`: the user-facing engine. `LLM(model, method=..., **knobs).generate(prompts, SamplingParams())`.
+
+Data path: generate -> Scheduler.schedule (chunked prefill, continuous batching, preemption) ->
+ModelRunner.run (one flattened forward) -> Attention layer -> cache method (write / view / observe)
+-> KVPool slots -> attention kernel (Triton decode on CUDA, SDPA elsewhere) -> sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache.pool import KVPool
+from .cache.registry import get_method
+from .config import EngineConfig, split_knobs
+from .engine.model_runner import ModelRunner
+from .engine.scheduler import Scheduler
+from .engine.sequence import Sequence
+from .layers.sampler import sample
+from .models.loader import load_model
+from .models.spec import ModelSpec
+from .sampling_params import SamplingParams
+from .shipped import resolve_model_path
+
+def _load_tokenizer(path):
+    """The folder's tokenizer, or None for a tokenizer-less folder (token-id prompts only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, method: str = "vanilla", tokenizer=None, **knobs):
+        method_cls = get_method(method)
+        method_fields = {f.name for f in dataclasses.fields(method_cls.Config)}
+        engine_knobs, method_knobs = split_knobs(knobs, method_fields, method)
+        self.config = EngineConfig(**engine_knobs)
+        self.config.validate()
+        self.model_path = resolve_model_path(model)
+        self.spec = ModelSpec.from_pretrained(self.model_path)
+        cfg = self.config
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        if cfg.dtype != "auto":
+            self.dtype = _DTYPES[cfg.dtype]
+        elif self.device.type == "cpu":
+            self.dtype = torch.float32
+        else:
+            self.dtype = self.spec.torch_dtype if self.spec.torch_dtype != torch.float32 else torch.bfloat16
+        self.max_model_len = cfg.max_model_len or self.spec.max_position_embeddings
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.model_path)
+        self.model = load_model(self.model_path, self.spec, self.dtype, self.device)
+        self.pool = KVPool(self._num_slots(), self.spec.head_dim, self.dtype, self.device)
+        self.method = method_cls(method_cls.make_config(**method_knobs), self.spec, self.pool,
+                                 sliding_window=self.spec.sliding_window)
+        if cfg.use_triton is True or (cfg.use_triton == "auto" and self.device.type == "cuda"):
+            from .kernels import triton_available
+            from .kernels.decode_attention import decode_attention_triton
+
+            if triton_available(self.device):
+                self.method.decode_kernel = decode_attention_triton
+            elif cfg.use_triton is True:
+                raise RuntimeError("use_triton=True but Triton cannot run here (install triton; CUDA or TRITON_INTERPRET=1)")
+        self.scheduler = Scheduler(cfg, self.method, self.pool)
+        self.runner = ModelRunner(self.model, self.method, self.device)
+        self._seqs: dict[int, Sequence] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _num_slots(self) -> int:
+        bytes_per_slot = 2 * self.spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * self.config.gpu_memory_utilization)
+            else:
+                budget = 1 << 30
+        return budget // bytes_per_slot
+
+    # ------------------------------------------------------------------ requests
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_path} has no tokenizer: pass token-id lists or LLM(..., tokenizer=...).")
+            if not prompt:
+                raise ValueError("Empty prompt: give at least one character (or one token id).")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            if not prompt:
+                raise ValueError("Empty prompt: a token-id list needs at least one id.")
+            bad = [t for t in prompt if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size}).")
+            return list(prompt)
+        raise TypeError(f"A prompt must be a str or a list of int token ids, got {type(prompt).__name__}.")
+
+    def add_request(self, prompt, params: SamplingParams) -> Sequence:
+        ids = self._tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"Prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} (prompt + output "
+                "must fit). Truncate the prompt (e.g. middle truncation) or raise max_model_len."
+            )
+        need = self.method.max_slots(min(len(ids) + params.max_tokens, self.max_model_len))
+        if need > self.pool.num_slots:
+            raise ValueError(
+                f"One request of {len(ids)} prompt + {params.max_tokens} output tokens needs up to {need} KV "
+                f"slots but the pool has {self.pool.num_slots}. Raise kv_cache_bytes (now "
+                f"{self.pool.num_slots * self.pool.bytes_per_slot} bytes) or lower max_tokens."
+            )
+        seq = Sequence(ids, params)
+        if not params.greedy:
+            seq.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else self.config.seed + seq.seq_id)
+        self._seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> list[Sequence]:
+        """Run one scheduler step; return the sequences that finished in it."""
+        batch = self.scheduler.schedule()
+        samplers, logits = self.runner.run(batch)
+        for seq, n in batch:
+            seq.num_computed += n
+            self.method.after_step(seq, prefill_done=seq.num_computed >= seq.num_prompt_tokens, num_new_tokens=n)
+        finished = []
+        for i, seq in enumerate(samplers):
+            token = sample(logits[i], seq.params, seq.generator)
+            if seq.params.return_logits:
+                seq.logits = getattr(seq, "logits", []) + [logits[i].cpu()]
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason:
+                seq.kv_bytes_at_finish = self.method.kv_bytes(seq)
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.spec.eos_token_ids:
+            return "stop"
+        if token in p.stop_token_ids:
+            return "stop"
+        if p.stop and any(s in self._text(seq) for s in p.stop):
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+
+    def _output(self, seq: Sequence) -> dict:
+        text = self._text(seq)
+        for s in seq.params.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        return {
+            "text": text,
+            "token_ids": list(seq.output_token_ids),
+            "prompt_token_ids": list(seq.prompt_token_ids),
+            "finish_reason": seq.finish_reason,
+            "num_preemptions": seq.num_preemptions,
+            "kv_bytes": getattr(seq, "kv_bytes_at_finish", 0),
+            **({"logits": seq.logits} if seq.params.return_logits else {}),
+        }
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[dict]:
+        """Generate for a prompt or a list of prompts (strings or token-id lists), in input order."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        if single:
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams; give one or one per prompt.")
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while self.scheduler.has_work():
+                bar.update(len(self.step()))
+        except BaseException:
+            self.abort_all()  # interrupted: give every slot back so the engine stays usable
+            raise
+        finally:
+            bar.close()
+        outs = [self._output(s) for s in seqs]
+        for s in seqs:
+            self._seqs.pop(s.seq_id, None)
+        return outs[0] if single else outs
+
+    def abort_all(self) -> None:
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq, "abort")
+        self.scheduler.waiting.clear()
+        self._seqs.clear()
+
+    # ------------------------------------------------------------------ introspection
+    def kv_stats(self) -> dict:
+        pool = self.pool
+        running = self.scheduler.running
+        return {
+            "method": self.method.name,
+            "slots_total": pool.num_slots,
+            "slots_used": pool.num_used,
+            "slots_free": pool.num_free,
+            "bytes_per_slot": pool.bytes_per_slot,
+            "bytes_per_token": pool.bytes_per_slot * self.spec.num_layers * self.spec.num_kv_heads,
+            "kv_bytes_total": pool.num_slots * pool.bytes_per_slot,
+            "kv_bytes_used": pool.num_used * pool.bytes_per_slot,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "per_sequence_bytes": {s.seq_id: self.method.kv_bytes(s) for s in running},
+        }
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Free the model and KV pool (also on `with LLM(...) as llm:` exit)."""
+        self.abort_all()
+        for name in ("model", "pool", "method", "runner", "scheduler"):
+            setattr(self, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
