@@ -1,0 +1,446 @@
+"""``deltakv-eval``: run a benchmark through sparse_engine (or HF transformers) and score it.
+
+    deltakv-eval benchmark=niah method=snapkv method.budget=128
+    deltakv-eval benchmark=longbench benchmark.data_dir=/data/LongBench backend=hf
+    deltakv-eval -m benchmark=niah method=vanilla,snapkv,pyramidkv,omnikv,streaming,deltakv
+
+Config: ``conf/eval.yaml`` with the groups ``benchmark`` / ``method`` / ``model``. Each run writes,
+under its output directory:
+
+* ``predictions.jsonl``: one record per generation, appended as requests finish; a killed run
+  started again with the same command resumes after the last finished request;
+* ``run.json``: what ran (benchmark settings, method and knobs, backend, model, query mode, session
+  mode, versions); a resume with different settings is refused unless ``overwrite=true``;
+* ``summary.json`` + ``summary.md``: the scores; NIAH also writes ``niah_heatmap.png``;
+* ``../comparison.md``: one table over every run of the same benchmark beside it (a multirun over
+  methods thus yields one comparison table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from benchmark.backends import Backend, GenOutput, Request, make_backend
+
+log = logging.getLogger("deltakv.eval")
+
+HARNESSES = {
+    "longbench": "benchmark.longbench",
+    "scbench": "benchmark.scbench",
+    "aime": "benchmark.aime",
+    "niah": "benchmark.niah",
+}
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+# ------------------------------------------------------------------------------------------------
+# config helpers
+# ------------------------------------------------------------------------------------------------
+def _plain(x):
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(x, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(x, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return x
+
+
+def harness_module(bcfg):
+    kind = bcfg.get("harness") or bcfg.get("name")
+    if kind not in HARNESSES:
+        raise ValueError(f"Unknown benchmark harness {kind!r}; known: {', '.join(HARNESSES)}")
+    return importlib.import_module(HARNESSES[kind])
+
+
+def method_and_knobs(cfg) -> tuple[str, dict]:
+    m = _plain(cfg.get("method")) or {}
+    if isinstance(m, str):
+        return m, {}
+    name = m.get("name", "vanilla")
+    knobs = {k: v for k, v in m.items() if k != "name" and not str(k).startswith("_")}
+    return name, knobs
+
+
+def model_ref(cfg) -> str | None:
+    m = _plain(cfg.get("model"))
+    if m is None or isinstance(m, str):
+        return m
+    for key in ("path", "name_or_path", "pretrained_model_name_or_path", "model_path", "name"):
+        if m.get(key):
+            return str(m[key])
+    return None
+
+
+def _knob_tag(knobs: dict) -> str:
+    if not knobs:
+        return ""
+    text = ",".join(f"{k}={knobs[k]}" for k in sorted(knobs))
+    if len(text) <= 48 and "/" not in text:
+        return "-" + text
+    return "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def resolve_output_dir(cfg) -> Path:
+    if cfg.get("output_dir"):
+        return Path(str(cfg.output_dir))
+    method, knobs = method_and_knobs(cfg)
+    name = cfg.get("run_name") or f"{cfg.backend}-{method}{_knob_tag(knobs)}-{cfg.get('query_mode', 'aware')}"
+    return Path(str(cfg.get("results_root") or "runs/eval")) / str(cfg.benchmark.name) / name
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# predictions store with resume
+# ------------------------------------------------------------------------------------------------
+class PredictionStore:
+    """Append-only JSONL of records. A request's records carry ``uid`` and ``n_records``; on open,
+    a torn last line and requests with missing records (a kill in the middle of a write) are
+    dropped, so that exactly the finished requests count as done."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: list[dict] = []
+        self.dropped = 0
+        if self.path.exists():
+            self._load()
+
+    def _load(self):
+        good, groups = [], Counter()
+        raw = self.path.read_text(encoding="utf-8").splitlines()
+        for line in raw:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                self.dropped += 1
+                continue
+            good.append(rec)
+            groups[rec["uid"]] += 1
+        complete = [r for r in good if groups[r["uid"]] == r.get("n_records", 1)]
+        self.dropped += len(good) - len(complete)
+        self.records = complete
+        if self.dropped:
+            log.warning("predictions: dropped %d torn/incomplete line(s) from %s", self.dropped, self.path)
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in complete:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            os.replace(tmp, self.path)
+
+    @property
+    def done(self) -> set[str]:
+        return {r["uid"] for r in self.records}
+
+    def append(self, recs: list[dict]):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.extend(recs)
+
+
+def _records_for(req: Request, outs: list[GenOutput], common: dict, elapsed: float) -> list[dict]:
+    recs = []
+    for k, o in enumerate(outs):
+        rec = {"uid": req.uid, "task": req.task, "n_records": len(outs)}
+        if req.kind == "session":
+            rec["turn"] = k
+        rec.update(req.meta)
+        if req.turn_meta:
+            rec.update(req.turn_meta[k])
+        rec.update({"pred": o.text, "finish_reason": o.finish_reason, "gen_tokens": len(o.token_ids),
+                    "prompt_tokens": req.n_prompt_tokens if k == 0 or not req.accumulate else None,
+                    "time_s": round(elapsed / max(1, len(outs)), 4)})
+        rec.update(common)
+        recs.append(rec)
+    return recs
+
+
+def run_requests(backend: Backend, requests: list[Request], store: PredictionStore, common: dict,
+                 batch_size: int = 1, progress: bool = True, stop_after: int | None = None) -> int:
+    """Generate every request not yet in the store, appending records as requests finish.
+    ``stop_after`` (tests) stops after that many requests, as a kill would."""
+    from tqdm.auto import tqdm
+
+    done = store.done
+    todo = [r for r in requests if r.uid not in done]
+    if len(todo) < len(requests):
+        log.info("resuming: %d of %d requests already done", len(requests) - len(todo), len(requests))
+    bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="generate", unit="req",
+               disable=not progress, dynamic_ncols=True)
+    n = 0
+    i = 0
+    try:
+        while i < len(todo):
+            if stop_after is not None and n >= stop_after:
+                break
+            req = todo[i]
+            t0 = time.time()
+            if req.kind == "single":
+                batch = [req]
+                while (len(batch) < batch_size and i + len(batch) < len(todo)
+                       and todo[i + len(batch)].kind == "single"
+                       and (stop_after is None or n + len(batch) < stop_after)):
+                    batch.append(todo[i + len(batch)])
+                outs = backend.generate([r.prompt_ids for r in batch], [r.params for r in batch])
+                dt = (time.time() - t0) / len(batch)
+                recs = []
+                for r, o in zip(batch, outs):
+                    recs += _records_for(r, [o], common, dt)
+                store.append(recs)
+                i += len(batch)
+                n += len(batch)
+                bar.update(len(batch))
+            else:
+                outs = backend.generate_session(req.context_ids, req.turns, req.params, accumulate=req.accumulate)
+                store.append(_records_for(req, outs, common, time.time() - t0))
+                i += 1
+                n += 1
+                bar.update(1)
+    finally:
+        bar.close()
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# reporting
+# ------------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [f"# {summary['benchmark']}: {summary['label']}", ""]
+    lines.append(f"- backend: {summary['backend']}, method: {summary['method']}, knobs: {summary['knobs']}")
+    lines.append(f"- model: {summary['model']}, query mode: {summary['query_mode']}"
+                 f" (effective: {summary['query_agnostic_effective'] if summary['query_mode'] == 'agnostic' else 'n/a'}),"
+                 f" session mode: {summary['session_mode']}")
+    lines.append(f"- records: {summary['n_records']}, wall time: {summary['wall_s']:.1f}s")
+    lines.append(f"- metric: {summary['result'].get('metric', '')}")
+    lines.append("")
+    scores = summary["result"]["scores"]
+    lines.append("| task | score |")
+    lines.append("| --- | ---: |")
+    for k, v in scores.items():
+        lines.append(f"| {k} | {_fmt(v)} |")
+    if summary["result"].get("average") is not None:
+        lines.append(f"| **average** | **{_fmt(summary['result']['average'])}** |")
+    for extra in ("categories", "per_turn", "buckets", "grid"):
+        if summary["result"].get(extra):
+            lines += ["", f"## {extra}", "", "```json", json.dumps(summary["result"][extra], indent=1), "```"]
+    if summary.get("kv_stats"):
+        lines += ["", "## kv_stats", "", "```json", json.dumps(summary["kv_stats"], indent=1, default=str), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{summary['benchmark']} | {summary['label']}")
+    t.add_column("task")
+    t.add_column("score", justify="right")
+    t.add_column("n", justify="right")
+    ns = summary["result"].get("n", {})
+    for k, v in summary["result"]["scores"].items():
+        t.add_row(str(k), _fmt(v), str(ns.get(k, "")))
+    if summary["result"].get("average") is not None:
+        t.add_row("[bold]average", f"[bold]{_fmt(summary['result']['average'])}", "")
+    Console(width=140).print(t)
+
+
+def comparison_table(root: Path, benchmark: str | None = None) -> str:
+    """One markdown table over the ``summary.json`` files directly under ``root`` (one run per
+    subfolder): rows are runs, columns the union of tasks, plus the average."""
+    rows, cols = [], []
+    for path in sorted(Path(root).glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        if benchmark and s.get("benchmark") != benchmark:
+            continue
+        rows.append(s)
+        for k in s["result"]["scores"]:
+            if k not in cols:
+                cols.append(k)
+    if not rows:
+        return ""
+    head = "| run | backend | method | knobs | query | " + " | ".join(cols) + " | avg |"
+    sep = "| --- | --- | --- | --- | --- | " + " | ".join("---:" for _ in cols) + " | ---: |"
+    lines = [head, sep]
+    for s in rows:
+        sc = s["result"]["scores"]
+        knobs = ", ".join(f"{k}={v}" for k, v in sorted(s["knobs"].items())) or "-"
+        lines.append(f"| {s['label']} | {s['backend']} | {s['method']} | {knobs} | {s['query_mode']} | "
+                     + " | ".join(_fmt(sc.get(c)) for c in cols) + f" | {_fmt(s['result'].get('average'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_markdown_table(md: str, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    lines = [ln for ln in md.strip().splitlines() if ln.startswith("|")]
+    if len(lines) < 3:
+        return
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    t = Table(title=title)
+    for h in cells[0]:
+        t.add_column(h)
+    for row in cells[2:]:
+        t.add_row(*row)
+    Console(width=200).print(t)
+
+
+# ------------------------------------------------------------------------------------------------
+# main entry
+# ------------------------------------------------------------------------------------------------
+def _fingerprint(cfg, method, knobs) -> dict:
+    b = dict(_plain(cfg.benchmark))
+    b.pop("data_dir", None)  # moving the data does not change the run
+    return {"benchmark": b, "backend": str(cfg.backend), "method": method, "knobs": knobs,
+            "model": model_ref(cfg), "query_mode": str(cfg.get("query_mode", "aware")),
+            "engine": _plain(cfg.get("engine")) or {}}
+
+
+def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None) -> dict | None:
+    """Run (or resume) one evaluation described by ``cfg``; return the summary dict (None when
+    ``stop_after`` interrupted it before the end)."""
+    t_start = time.time()
+    bcfg = cfg.benchmark
+    harness = harness_module(bcfg)
+    query_mode = str(cfg.get("query_mode", "aware"))
+    if query_mode not in ("aware", "agnostic"):
+        raise ValueError(f"query_mode must be 'aware' or 'agnostic', got {query_mode!r}")
+    harness.check_data(bcfg)  # bad data or task names fail here, before any model is loaded
+    method, knobs = method_and_knobs(cfg)
+    out_dir = resolve_output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint(cfg, method, knobs)
+    run_path = out_dir / "run.json"
+    pred_path = out_dir / "predictions.jsonl"
+    if run_path.exists() and pred_path.exists():
+        old = json.loads(run_path.read_text()).get("fingerprint")
+        if old != json.loads(json.dumps(fp)):
+            if not cfg.get("overwrite"):
+                raise ValueError(
+                    f"{out_dir} holds a run with different settings ({old}); pass overwrite=true to replace it, "
+                    "or choose another output_dir / run_name"
+                )
+            pred_path.unlink()
+    elif cfg.get("overwrite") and pred_path.exists():
+        pred_path.unlink()
+
+    own_backend = backend is None
+    if own_backend:
+        backend = make_backend(str(cfg.backend), model_ref(cfg), method=method, knobs=knobs,
+                               engine_kwargs=_plain(cfg.get("engine")) or {}, hf_kwargs=_plain(cfg.get("hf")) or {})
+    try:
+        info = backend.describe()
+        session_mode = info.get("session_mode", "reprefill")
+        agnostic_effective = (query_mode == "agnostic") and (session_mode == "native")
+        if query_mode == "agnostic" and not agnostic_effective:
+            log.warning("query_mode=agnostic but the backend has no session API: the context is re-prefilled together "
+                        "with the question, so compression is NOT query-agnostic in this run (recorded in outputs)")
+        run_info = {"fingerprint": fp, "backend_info": info, "output_dir": str(out_dir), "git_commit": _git_commit(),
+                    "python": platform.python_version(), "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        run_path.write_text(json.dumps(run_info, indent=1, default=str))
+
+        requests = harness.build_requests(bcfg, backend.tokenizer, backend.max_model_len, query_mode=query_mode)
+        seen = Counter(r.uid for r in requests)
+        dup = [u for u, c in seen.items() if c > 1]
+        if dup:
+            raise RuntimeError(f"duplicate request ids {dup[:5]}")
+        common = {"query_mode": query_mode}
+        store = PredictionStore(pred_path)
+        bs = int(cfg.get("batch_size") or 1)
+        n_run = run_requests(backend, requests, store, common, batch_size=bs, progress=bool(cfg.get("progress", True)),
+                             stop_after=stop_after)
+        if stop_after is not None and len(store.done) < len(requests):
+            return None
+        wanted = {r.uid for r in requests}
+        records = [r for r in store.records if r["uid"] in wanted]
+        result = harness.score(records, bcfg)
+        label = out_dir.name
+        summary = {"benchmark": str(bcfg.name), "label": label, "backend": str(cfg.backend), "method": method,
+                   "knobs": knobs, "model": info.get("model_path") or model_ref(cfg) or "smollm2-135m",
+                   "query_mode": query_mode, "query_agnostic_effective": agnostic_effective,
+                   "session_mode": session_mode, "n_requests": len(requests), "n_generated_now": n_run,
+                   "n_records": len(records), "wall_s": time.time() - t_start, "kv_stats": backend.kv_stats(),
+                   "result": result}
+        if hasattr(harness, "artifacts"):
+            summary["artifacts"] = harness.artifacts(records, bcfg, out_dir, summary)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        (out_dir / "summary.md").write_text(summary_markdown(summary))
+        with open(pred_path.with_name("scored.jsonl"), "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        if cfg.get("print_table", True):
+            print_summary(summary)
+        comp = comparison_table(out_dir.parent, str(bcfg.name))
+        if comp:
+            (out_dir.parent / "comparison.md").write_text(f"# {bcfg.name}: comparison\n\n" + comp)
+            if cfg.get("print_table", True):
+                print_markdown_table(comp, f"{bcfg.name}: all runs in {out_dir.parent}")
+        log.info("wrote %s", out_dir / "summary.json")
+        return summary
+    finally:
+        if own_backend:
+            backend.close()
+
+
+def compose(overrides: list[str] | None = None):
+    """The eval config as ``deltakv-eval`` would compose it (for tests and notebooks)."""
+    from hydra import compose as h_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return h_compose(config_name="eval", overrides=list(overrides or []))
+
+
+def _hydra_entry():
+    import hydra
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
+    def _main(cfg):
+        try:
+            run_eval(cfg)
+        except (FileNotFoundError, ValueError, ImportError, KeyError) as exc:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]deltakv-eval error:[/] {exc}")
+            raise SystemExit(2) from None
+
+    return _main
+
+
+def main():
+    _hydra_entry()()
+
+
+if __name__ == "__main__":
+    main()
