@@ -5,10 +5,19 @@ from __future__ import annotations
 import difflib
 
 from .base import CacheMethod
+from .omnikv import OmniKVCache
+from .pyramidkv import PyramidKVCache
+from .snapkv import AdaKVCache, SnapKVCache
+from .streaming import StreamingCache
 from .vanilla import VanillaCache
 
 METHODS: dict[str, type[CacheMethod]] = {
     "vanilla": VanillaCache,
+    "snapkv": SnapKVCache,
+    "adakv": AdaKVCache,
+    "pyramidkv": PyramidKVCache,
+    "omnikv": OmniKVCache,
+    "streaming": StreamingCache,
 }
 
 

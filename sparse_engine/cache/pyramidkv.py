@@ -1,0 +1,49 @@
+"""`pyramidkv`: SnapKV selection with per-layer budgets that fall linearly from bottom to top layers.
+
+PyramidKV (Cai et al. 2024) observes that lower layers spread attention widely and upper layers
+concentrate it, so it gives lower layers more tokens. `budget` is the AVERAGE per layer: the total
+equals SnapKV's at the same budget (`budgets.pyramid_budgets`), only its distribution differs.
+Inspect the schedule with `python -m sparse_engine.cache.budgets pyramid 512 30` or
+`PyramidKVCache.describe_budgets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.spec import ModelSpec
+from .budgets import format_budgets, pyramid_budgets
+from .snapkv import SnapKVCache, SnapKVConfig
+
+
+@dataclass
+class PyramidKVConfig(SnapKVConfig):
+    """SnapKV's knobs; `budget` is the mean per layer, `beta` sets the slope.
+
+    Attributes:
+        beta: the top layer keeps budget / beta tokens (never fewer than sink + window); the bottom
+            layer keeps 2 * budget minus that (PyramidKV's default beta = 20).
+    """
+
+    beta: float = 20.0
+
+    def validate(self, spec: ModelSpec) -> None:
+        super().validate(spec)
+        if self.budget_decay is not None or self.min_budget is not None:
+            raise ValueError("pyramidkv sets per-layer budgets itself (linear); budget_decay / min_budget "
+                             "belong to snapkv / streaming")
+        if self.beta < 1:
+            raise ValueError(f"beta must be >= 1 (top layer keeps budget / beta), got {self.beta}")
+
+    def layer_budgets(self, num_layers: int) -> list[int]:
+        return pyramid_budgets(self.budget, num_layers, self.sink_size + self.window_size, self.beta)
+
+
+class PyramidKVCache(SnapKVCache):
+    name = "pyramidkv"
+    Config = PyramidKVConfig
+
+    def describe_budgets(self) -> str:
+        """The per-layer budgets as a small text table (also printed by the budgets module)."""
+        c = self.config
+        return format_budgets(self.budgets, f"pyramidkv budget={c.budget} beta={c.beta} layers={len(self.budgets)}")
