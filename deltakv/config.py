@@ -1,0 +1,191 @@
+"""Validated training configuration (what the Hydra groups under ``conf/`` compose into).
+
+``TrainConfig.from_omegaconf(cfg)`` turns the composed Hydra config into these dataclasses, rejecting
+unknown keys and missing required values with messages that name the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from data_prepare.config import PackConfig
+from deltakv.reference import ReferenceSpec
+
+COMPRESSOR_KINDS = ("deltakv", "pca")
+INIT_KINDS = ("pca", "random")
+REPORT_TO = ("none", "wandb", "tensorboard")
+
+
+def _strict(cls, data: dict | None, where: str):
+    data = dict(data or {})
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in `{where}`; valid keys: {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model.
+
+    Attributes:
+        path: local HF folder, or ``smollm2-135m`` (the shipped model). Nothing is downloaded.
+        dtype: ``auto`` (bf16 on GPU, float32 on CPU) | ``float32`` | ``bfloat16`` | ``float16``.
+        attn_implementation: HF attention backend (``sdpa`` | ``eager`` | ``flash_attention_2``).
+        gradient_checkpointing: recompute decoder layers in backward (big models).
+        full_attn_layers: layers never compressed (kept at full precision).
+    """
+
+    path: str | None = "smollm2-135m"
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    full_attn_layers: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
+class CompressorOptions:
+    """The compressor to train (``conf/compressor``).
+
+    Attributes:
+        kind: ``deltakv`` (trained end to end) or ``pca`` (closed-form, no training: a baseline).
+        kv_compressed_size: latent width (must be < joined KV width ``2*num_kv_heads*head_dim``).
+        down: ``linear`` | ``mlp_gelu`` | ``mlp_swiglu``; up: ``linear``.
+        down_hidden: hidden width of an MLP down (0 = 2 x joined KV width).
+        bias: biases in the linear maps.
+        init: ``pca`` (linear parts from closed-form PCA; MLP downs get a PCA linear skip) | ``random``.
+        pca_batches: calibration sequences for PCA.
+        layers: compressed layers (null = every layer not in full_attn_layers).
+        full_attn_layers: null = ``model.full_attn_layers``.
+        reference: ``ReferenceSpec`` fields (kind, num_sinks, cluster_ratio, metric, top_k, weighting, temperature).
+    """
+
+    kind: str = "deltakv"
+    kv_compressed_size: int = 128
+    down: str = "mlp_swiglu"
+    up: str = "linear"
+    down_hidden: int = 0
+    bias: bool = True
+    init: str = "pca"
+    pca_batches: int = 8
+    layers: list[int] | None = None
+    full_attn_layers: list[int] | None = None
+    reference: ReferenceSpec = field(default_factory=ReferenceSpec)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reference, dict):
+            self.reference = ReferenceSpec.from_dict(self.reference)
+        if self.kind not in COMPRESSOR_KINDS:
+            raise ValueError(f"compressor.kind={self.kind!r}; choose one of {COMPRESSOR_KINDS}")
+        if self.init not in INIT_KINDS:
+            raise ValueError(f"compressor.init={self.init!r}; choose one of {INIT_KINDS}")
+        if self.kind == "pca" and (self.down != "linear" or self.up != "linear"):
+            raise ValueError("compressor.kind=pca is closed-form and needs compressor.down=linear, compressor.up=linear")
+
+
+@dataclass
+class LossConfig:
+    """loss = CE + mse_weight * sum_l layer_weights.get(l, 1) * MSE_l."""
+
+    mse_weight: float = 1.0
+    layer_weights: dict[int, float] | None = None
+
+
+@dataclass
+class TrainerConfig:
+    """HF ``Trainer`` knobs (see ``deltakv.trainer.training_arguments``).
+
+    ``resume``: ``auto`` (continue from the newest ``checkpoint-*`` in the output dir, if any),
+    ``never``, or a checkpoint path. ``bf16``: ``auto`` = on GPU only. ``torch_threads``: CPU threads (null = torch default).
+    """
+
+    max_steps: int = 100
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.02
+    lr_scheduler_type: str = "cosine"
+    max_grad_norm: float = 1.0
+    logging_steps: int = 5
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    bf16: str | bool = "auto"
+    dataloader_num_workers: int = 0
+    resume: str = "auto"
+    torch_threads: int | None = None
+    disable_tqdm: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation after training: perplexity on true vs reconstructed KV, MSE per layer."""
+
+    enabled: bool = True
+    max_sequences: int = 16
+    batch_size: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    """``report_to``: none (default) | wandb | tensorboard."""
+
+    report_to: str = "none"
+    project: str = "deltakv"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"logger.report_to={self.report_to!r}; choose one of {REPORT_TO}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: PackConfig
+    compressor: CompressorOptions
+    loss: LossConfig
+    trainer: TrainerConfig
+    eval: EvalConfig
+    logger: LoggerConfig
+    output_dir: str
+    seed: int = 0
+    deepspeed: dict | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {"model", "data", "compressor", "loss", "trainer", "eval", "logger", "output_dir", "seed", "deepspeed"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown top-level key(s) {unknown}; valid: {sorted(known)}")
+        if not d.get("output_dir"):
+            raise ValueError("output_dir is required (deltakv-train sets it to the Hydra run folder)")
+        ds = d.get("deepspeed") or None
+        return cls(
+            model=_strict(ModelConfig, d.get("model"), "model"),
+            data=PackConfig.from_dict(dict(d.get("data") or {})),
+            compressor=_strict(CompressorOptions, d.get("compressor"), "compressor"),
+            loss=_strict(LossConfig, d.get("loss"), "loss"),
+            trainer=_strict(TrainerConfig, d.get("trainer"), "trainer"),
+            eval=_strict(EvalConfig, d.get("eval"), "eval"),
+            logger=_strict(LoggerConfig, d.get("logger"), "logger"),
+            output_dir=str(d["output_dir"]),
+            seed=int(d.get("seed", 0)),
+            deepspeed=dict(ds) if ds else None,
+        )
+
+    @classmethod
+    def from_omegaconf(cls, cfg) -> "TrainConfig":
+        from omegaconf import OmegaConf
+        from omegaconf.errors import MissingMandatoryValue
+
+        try:
+            d = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as e:
+            key = getattr(e, "full_key", None) or str(e)
+            hint = ""
+            if str(key).startswith("model.path"):
+                hint = " This experiment needs a local model folder: add model.path=/path/to/the/hf/model/folder."
+            raise ValueError(f"Missing required config value `{key}`.{hint}") from None
+        return cls.from_dict(d)

@@ -1,0 +1,51 @@
+"""Tiny random HF models and tokenizers for tests and demos (built locally, nothing downloaded)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+WORDS = (
+    "the a of to and in is was for on that with as by at from his her it an were are which this be has "
+    "had not but have they he she their its or one two three year new after first people said more time"
+).split()
+
+
+def make_tokenizer(path: str | Path, texts: list[str] | None = None):
+    """A word-level ``PreTrainedTokenizerFast`` (``[UNK]``, ``<eos>``, lowercase words) saved to ``path``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(WORDS)
+    for t in texts or []:
+        words.extend(re.findall(r"\w+|[^\w\s]", t.lower()))
+    vocab = {"[UNK]": 0, "<eos>": 1}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>", pad_token="<eos>")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def make_tiny_model(path: str | Path, texts: list[str] | None = None, model_type: str = "llama",
+                    num_layers: int = 4, num_kv_heads: int = 2, head_dim: int = 8, seed: int = 0):
+    """Save a tiny random causal LM (+ tokenizer) of a supported family into ``path``; returns the path."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    tok = make_tokenizer(path, texts)
+    heads = 2 * num_kv_heads
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), hidden_size=heads * head_dim, intermediate_size=64,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=num_kv_heads,
+        head_dim=head_dim, max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(path))
+    return path

@@ -1,0 +1,193 @@
+"""``deltakv-train``: train (or fit) a DeltaKV compressor for a frozen HF model.
+
+    deltakv-train +experiment=smoke                                  # shipped model, CPU, minutes
+    deltakv-train +experiment=qwen7b_c512 model.path=/models/Qwen2.5-7B-Instruct-1M deepspeed=zero2
+    deltakv-train -m +experiment=smoke compressor.kv_compressed_size=64,128   # one folder per run + summary
+
+Steps: load the frozen model -> pack the data (cached by content hash) -> build the compressor ->
+PCA init / closed-form PCA -> HF Trainer (resumes from the newest checkpoint in the output dir) ->
+save ``<output_dir>/compressor`` -> evaluate perplexity on true vs reconstructed KV ->
+``<output_dir>/metrics.json`` + a printed table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from deltakv.config import TrainConfig
+
+
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends ``--local_rank=N``; Hydra would reject it, so move it to the env."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ["LOCAL_RANK"] = arg.split("=", 1)[1]
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ["LOCAL_RANK"] = argv[i + 1]
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def build_compressor_config(cfg: TrainConfig, model_config):
+    from deltakv.compressor import CompressorConfig
+    from deltakv.hf_model import model_dims
+
+    dims = model_dims(model_config)
+    c = cfg.compressor
+    full = c.full_attn_layers if c.full_attn_layers is not None else cfg.model.full_attn_layers
+    full = sorted(int(i) for i in full)
+    layers = c.layers if c.layers is not None else [i for i in range(dims.num_hidden_layers) if i not in full]
+    down_hidden = c.down_hidden or (2 * dims.kv_width if c.down != "linear" else 0)
+    return CompressorConfig(
+        model_type=dims.model_type, num_hidden_layers=dims.num_hidden_layers, num_kv_heads=dims.num_kv_heads,
+        head_dim=dims.head_dim, layers=sorted(int(i) for i in layers), full_attn_layers=full,
+        kv_compressed_size=c.kv_compressed_size, down=c.down, up=c.up, down_hidden=down_hidden, bias=c.bias,
+        linear_skip=c.init == "pca" and c.down != "linear", reference=c.reference, method=c.kind,
+    )
+
+
+def _resume_path(cfg: TrainConfig) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    r = cfg.trainer.resume
+    if r == "never":
+        return None
+    if r == "auto":
+        return get_last_checkpoint(cfg.output_dir) if os.path.isdir(cfg.output_dir) else None
+    if not Path(r).exists():
+        raise FileNotFoundError(f"trainer.resume={r} does not exist; use auto, never, or a checkpoint-* folder")
+    return r
+
+
+def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
+    """Run one training job end to end; returns the metrics written to ``metrics.json``."""
+    from transformers import set_seed
+
+    from data_prepare.pack import pack_dataset
+    from deltakv.checkpoint import save_compressor
+    from deltakv.compressor import DeltaKVCompressor
+    from deltakv.evaluate import evaluate_reconstruction, format_table
+    from deltakv.hf_model import load_frozen_lm
+    from deltakv.model import DeltaKVForTraining
+    from deltakv.pca import fit_pca_
+    from deltakv.trainer import DeltaKVTrainer, collate, training_arguments
+
+    t0 = time.time()
+    if cfg.trainer.torch_threads:
+        torch.set_num_threads(cfg.trainer.torch_threads)
+    set_seed(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm, tokenizer = load_frozen_lm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
+    comp_cfg = build_compressor_config(cfg, lm.config)
+    data, data_dir = pack_dataset(cfg.data, tokenizer)
+    if len(data["train"]) == 0:
+        raise ValueError(f"The packed train split at {data_dir} is empty; add documents or lower data.seq_len")
+    print(f"[deltakv] data {data_dir}: train {len(data['train'])} x {cfg.data.seq_len}, "
+          f"validation {len(data.get('validation', []))} sequences")
+    device = next(lm.parameters()).device
+    compressor = DeltaKVCompressor(comp_cfg).to(device)
+    resume = _resume_path(cfg) if cfg.compressor.kind == "deltakv" else None
+    timings, train_info = {}, {}
+
+    if (cfg.compressor.init == "pca" or cfg.compressor.kind == "pca") and resume is None:
+        t = time.time()
+        n = min(cfg.compressor.pca_batches, len(data["train"]))
+        batches = [torch.tensor([data["train"][i]["input_ids"]]) for i in range(n)]
+        energy = fit_pca_(lm, compressor, batches)
+        timings["pca_s"] = round(time.time() - t, 2)
+        train_info["pca_energy_captured"] = {str(k): round(v, 4) for k, v in energy.items()}
+
+    wrapper = DeltaKVForTraining(lm, compressor, cfg.loss.mse_weight, cfg.loss.layer_weights)
+    if cfg.model.gradient_checkpointing:
+        wrapper.gradient_checkpointing_enable()
+
+    if cfg.compressor.kind == "deltakv" and cfg.trainer.max_steps > 0:
+        t = time.time()
+        trainer = DeltaKVTrainer(model=wrapper, args=training_arguments(cfg), train_dataset=data["train"],
+                                 data_collator=collate, callbacks=callbacks)
+        if resume:
+            print(f"[deltakv] resuming from {resume}")
+        result = trainer.train(resume_from_checkpoint=resume)
+        timings["train_s"] = round(time.time() - t, 2)
+        losses = [h for h in trainer.state.log_history if "loss" in h]
+        train_info.update({
+            "global_step": trainer.state.global_step, "resumed_from": resume,
+            "train_loss": round(result.training_loss, 5),
+            "loss_first": losses[0]["loss"] if losses else None, "loss_last": losses[-1]["loss"] if losses else None,
+            "ce_first": losses[0].get("ce") if losses else None, "ce_last": losses[-1].get("ce") if losses else None,
+            "mse_first": losses[0].get("mse") if losses else None, "mse_last": losses[-1].get("mse") if losses else None,
+            "log_history": losses,
+        })
+        if not trainer.args.should_save:
+            return {}
+    ckpt = save_compressor(out_dir / "compressor", compressor,
+                           extra={"train": {k: v for k, v in train_info.items() if k != "log_history"},
+                                  "data": str(data_dir)})
+    metrics = {"compressor": str(ckpt), "kv_width": comp_cfg.kv_width,
+               "kv_compressed_size": comp_cfg.kv_compressed_size, "method": comp_cfg.method,
+               "reference": comp_cfg.reference.kind, "train": train_info}
+    if cfg.eval.enabled and "validation" in data and len(data["validation"]):
+        t = time.time()
+        metrics["eval"] = evaluate_reconstruction(wrapper, data["validation"], cfg.eval.max_sequences,
+                                                  cfg.eval.batch_size)
+        timings["eval_s"] = round(time.time() - t, 2)
+        print(format_table(metrics["eval"]))
+    timings["total_s"] = round(time.time() - t0, 2)
+    metrics["timings"] = timings
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    _print_summary(metrics)
+    return metrics
+
+
+def _print_summary(m: dict) -> None:
+    t, e = m.get("train", {}), m.get("eval")
+    print(f"[deltakv] compressor saved to {m['compressor']}  ({m['method']}, latent {m['kv_compressed_size']}"
+          f"/{m['kv_width']}, reference {m['reference']})")
+    if t.get("loss_first") is not None:
+        print(f"[deltakv] loss {t['loss_first']:.4f} -> {t['loss_last']:.4f} over {t['global_step']} steps")
+    if e:
+        print(f"[deltakv] held-out perplexity: true {e['ppl_true']:.3f}, reconstructed {e['ppl_recon']:.3f} "
+              f"(x{e['ppl_ratio']:.3f})")
+    print(f"[deltakv] timings {m['timings']}")
+
+
+def _hydra_entry():
+    import hydra
+
+    @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+    def _run(cfg):
+        from deltakv.checkpoint import CheckpointError
+        from deltakv.hf_model import UnsupportedModelError
+
+        try:
+            tc = TrainConfig.from_omegaconf(cfg)
+            metrics = run_training(tc)
+        except (ValueError, FileNotFoundError, KeyError, CheckpointError, UnsupportedModelError) as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"deltakv-train: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return metrics.get("eval", {}).get("ppl_ratio")
+
+    return _run
+
+
+def main() -> None:
+    sys.argv = _strip_local_rank(sys.argv)
+    _hydra_entry()()
+
+
+if __name__ == "__main__":
+    main()

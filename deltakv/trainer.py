@@ -1,0 +1,122 @@
+"""HF ``Trainer`` glue: only compressor weights are saved, resumed and optimised.
+
+``DeltaKVTrainer`` logs the CE and MSE parts of the loss, writes checkpoints in the compressor
+format (``deltakv.checkpoint``) instead of the whole model, reloads them on resume, and under
+DeepSpeed excludes the frozen base model from its engine checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from deltakv.checkpoint import load_compressor, save_compressor
+from deltakv.config import TrainConfig
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def use_bf16(flag) -> bool:
+    if flag == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(flag)
+
+
+def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+    """Map the validated config onto ``TrainingArguments`` (DeepSpeed dict passed through as is)."""
+    t = cfg.trainer
+    report_to = "none" if cfg.logger.report_to == "none" else [cfg.logger.report_to]
+    if cfg.logger.report_to == "wandb":
+        os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio if t.warmup_ratio < 1 else int(t.warmup_ratio),
+        lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=use_bf16(t.bf16),
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        report_to=report_to,
+        run_name=cfg.logger.run_name,
+        seed=cfg.seed,
+        deepspeed=cfg.deepspeed,
+        gradient_checkpointing=False,  # enabled on the wrapper itself (frozen-input friendly)
+        disable_tqdm=t.disable_tqdm,
+        ddp_find_unused_parameters=False,
+    )
+
+
+class DeltaKVTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._parts = {"ce": 0.0, "mse": 0.0, "n": 0}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs)
+        self._parts["ce"] += float(out["ce"])
+        self._parts["mse"] += float(out["mse"])
+        self._parts["n"] += 1
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._parts["n"]:
+            n = self._parts["n"]
+            logs["ce"], logs["mse"] = round(self._parts["ce"] / n, 5), round(self._parts["mse"] / n, 6)
+            self._parts = {"ce": 0.0, "mse": 0.0, "n": 0}
+        super().log(logs, start_time)
+
+    def _compressor(self):
+        return self.accelerator.unwrap_model(self.model).compressor
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        sd = None
+        if state_dict:
+            sd = {k[len("compressor."):]: v for k, v in state_dict.items() if k.startswith("compressor.")} or None
+        save_compressor(output_dir, self._compressor(), state_dict=sd, extra={"global_step": self.state.global_step})
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        loaded = load_compressor(resume_from_checkpoint)
+        target = self.accelerator.unwrap_model(model or self.model).compressor
+        target.load_state_dict(loaded.state_dict())
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_deepspeed_enabled:  # engine checkpoint without the frozen base model
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            return
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def train(self, *args, **kwargs):
+        if not self.is_deepspeed_enabled and self.args.deepspeed is None:
+            return super().train(*args, **kwargs)
+        import transformers.trainer as hf_trainer
+
+        original = hf_trainer.deepspeed_load_checkpoint
+        # the engine checkpoint excludes frozen params, so it must load non-strictly
+        hf_trainer.deepspeed_load_checkpoint = functools.wraps(original)(
+            lambda *a, **k: original(*a, **{**k, "load_module_strict": False})
+        )
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            hf_trainer.deepspeed_load_checkpoint = original
