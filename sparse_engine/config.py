@@ -23,6 +23,8 @@ class EngineConfig:
         gpu_memory_utilization: fraction of free GPU memory (after weights) given to the KV pool.
         seed: seed for sampling requests that give none.
         use_triton: "auto" (Triton decode kernel on CUDA when importable), True, or False.
+        load_format: "safetensors" (the folder's weights) or "random" (random weights of the
+            config's shapes: for speed / memory benchmarks of large models without their weights).
     """
 
     device: str = "auto"
@@ -35,6 +37,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     seed: int = 0
     use_triton: str | bool = "auto"
+    load_format: str = "safetensors"
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_prefill_size"):
@@ -48,6 +51,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        if self.load_format not in ("safetensors", "random"):
+            raise ValueError(f"load_format must be 'safetensors' or 'random', got {self.load_format!r}")
         if self.use_triton not in ("auto", True, False):
             raise ValueError(f"use_triton must be 'auto', True or False, got {self.use_triton!r}")
 

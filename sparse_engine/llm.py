@@ -21,7 +21,7 @@ from .engine.model_runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence
 from .layers.sampler import sample
-from .models.loader import load_model
+from .models.loader import load_model, random_model
 from .models.spec import ModelSpec
 from .sampling_params import SamplingParams
 from .shipped import resolve_model_path
@@ -58,7 +58,10 @@ class LLM:
             self.dtype = self.spec.torch_dtype if self.spec.torch_dtype != torch.float32 else torch.bfloat16
         self.max_model_len = cfg.max_model_len or self.spec.max_position_embeddings
         self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(self.model_path)
-        self.model = load_model(self.model_path, self.spec, self.dtype, self.device)
+        if cfg.load_format == "random":
+            self.model = random_model(self.spec, self.dtype, self.device, cfg.seed)
+        else:
+            self.model = load_model(self.model_path, self.spec, self.dtype, self.device)
         self.pool = KVPool(self._num_slots(), self.spec.head_dim, self.dtype, self.device)
         self.method = method_cls(method_cls.make_config(**method_knobs), self.spec, self.pool,
                                  sliding_window=self.spec.sliding_window)

@@ -30,6 +30,7 @@ class KVPool:
         # Free stack on the host: allocate pops from the top, free pushes back (vectorised, O(n)).
         self._free = torch.arange(num_slots - 1, -1, -1, dtype=torch.long)
         self._top = num_slots
+        self.peak_used = 0  # high-water mark of used slots (benchmarks reset it per run)
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -51,6 +52,7 @@ class KVPool:
             raise KVPoolExhausted(f"asked for {n} KV slots, {self._top} free")
         slots = self._free[self._top - n : self._top].clone()
         self._top -= n
+        self.peak_used = max(self.peak_used, self.num_slots - self._top)
         self.refcount[slots] = 1
         return slots
 

@@ -11,6 +11,22 @@ from .decoder import CausalLM
 from .spec import ModelSpec
 
 
+def random_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, seed: int = 0) -> CausalLM:
+    """A model of the config's shapes with random weights (N(0, 0.02), norms 1): benchmarks only."""
+    with torch.device("meta"):
+        model = CausalLM(spec)
+    model.to_empty(device=device)
+    model.to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
 def load_model(path: str | Path, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> CausalLM:
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
