@@ -238,6 +238,6 @@ def engine_run(llm, prompt_ids: list[int], steps: int, on_step=None):
             kept = {l: [sorted(llm.pool.pos[t.head(h)].tolist()) for h in range(t.num_kv_heads)]
                     for l, t in enumerate(seq.kv.tables)}
             kv_after = llm.method.kv_bytes(seq)
-        if on_step is not None and seq.kv is not None:
+        if on_step is not None and kept is not None:  # one entry per step from the end of prefill on
             trace.append(on_step(seq))
     return seq.output_token_ids, seq.logits, kept, kv_after, trace
