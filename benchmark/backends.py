@@ -224,6 +224,12 @@ class HFBackend(Backend):
 
     def generate_session(self, context, turns, params, accumulate=True):
         plist = params if isinstance(params, list) else [params] * len(turns)
+        turns = [list(t) for t in turns]
+        if turns and not turns[0] and context:
+            # an empty first turn means "generate right after the context" (query in the context)
+            if not accumulate:
+                raise ValueError("an empty turn only makes sense for the first turn of an accumulating session")
+            context, turns[0] = list(context[:-1]), [context[-1]]
         if not context:
             return super().generate_session(context, turns, plist, accumulate)
         base = self._prefill(list(context))  # the shared context is prefilled exactly once
@@ -236,7 +242,9 @@ class HFBackend(Backend):
             cache = base if accumulate else copy.deepcopy(base)
             outs.append(self._run(full, p, cache=cache))
             if accumulate:
-                cache.crop(len(full))  # drop the generated tokens, keep context + turns so far
+                extra = cache.get_seq_length() - len(full)
+                if extra > 0:
+                    cache.crop(-extra)  # drop the generated tokens, keep context + turns so far
                 prefix = full
         return outs
 
@@ -281,6 +289,7 @@ class EngineBackend(Backend):
 
         self._SamplingParams = SamplingParams
         self._sp_fields = set(inspect.signature(SamplingParams).parameters)
+        self._warned: set = set()
         self.method = method
         self.knobs = dict(knobs or {})
         self.engine_kwargs = {k: v for k, v in (engine_kwargs or {}).items() if v is not None}
@@ -307,11 +316,13 @@ class EngineBackend(Backend):
 
     def _sp(self, p: GenParams):
         wanted = {"temperature": p.temperature, "max_tokens": p.max_tokens, "top_p": p.top_p,
-                  "top_k": p.top_k, "seed": p.seed, "stop": list(p.stop) or None,
-                  "stop_token_ids": list(p.stop_token_ids) or None, "min_tokens": p.min_tokens or None}
+                  "top_k": p.top_k if p.top_k and p.top_k > 0 else None, "seed": p.seed,
+                  "stop": list(p.stop) or None, "stop_token_ids": list(p.stop_token_ids) or None,
+                  "min_tokens": p.min_tokens or None}
         kwargs = {k: v for k, v in wanted.items() if v is not None and k in self._sp_fields}
-        dropped = [k for k, v in wanted.items() if v not in (None, 1.0, -1, 0) and k not in self._sp_fields]
-        if dropped:
+        dropped = sorted(k for k, v in wanted.items() if v is not None and k not in self._sp_fields)
+        if dropped and tuple(dropped) not in self._warned:
+            self._warned.add(tuple(dropped))
             log.warning("sparse_engine.SamplingParams has no %s; ignored", dropped)
         return self._SamplingParams(**kwargs)
 
