@@ -25,6 +25,9 @@ from data_prepare.sources import read_documents
 
 PACK_FORMAT_VERSION = 1
 
+# "../conf" of this file, as an absolute path so Hydra finds it whether run as a module or a script
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's vocabulary and rules (independent of where it was loaded from)."""
@@ -76,7 +79,9 @@ def pack_dataset(cfg: PackConfig, tokenizer, force: bool = False):
     if cfg.max_documents:
         order = order[: cfg.max_documents]
     n_eval = 0 if cfg.eval_fraction == 0 else max(1, round(len(order) * cfg.eval_fraction))
-    split_docs = {"train": order[: len(order) - n_eval], "validation": order[len(order) - n_eval:]}
+    split_docs = {"train": order[: len(order) - n_eval]}
+    if n_eval:
+        split_docs["validation"] = order[len(order) - n_eval:]
 
     sep = []
     if cfg.separator == "eos":
@@ -93,7 +98,7 @@ def pack_dataset(cfg: PackConfig, tokenizer, force: bool = False):
     splits = {}
     for split, idx in split_docs.items():
         blocks = _pack([tokens[i] for i in idx], cfg.seq_len, sep)
-        if not blocks and idx:
+        if not blocks:
             n_tok = sum(len(tokens[i]) + len(sep) for i in idx)
             raise ValueError(
                 f"The {split} split has {n_tok} tokens, fewer than one sequence of data.seq_len={cfg.seq_len}; "
@@ -121,7 +126,7 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    @hydra.main(config_path="../conf", config_name="pack", version_base="1.3")
+    @hydra.main(config_path=CONF_DIR, config_name="pack", version_base="1.3")
     def _run(cfg) -> None:
         from transformers import AutoTokenizer
 

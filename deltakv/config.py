@@ -187,5 +187,7 @@ class TrainConfig:
             hint = ""
             if str(key).startswith("model.path"):
                 hint = " This experiment needs a local model folder: add model.path=/path/to/the/hf/model/folder."
+            elif str(key).startswith("data."):
+                hint = f" Give the local dataset: add {key}=/path/to/your/data (nothing is downloaded)."
             raise ValueError(f"Missing required config value `{key}`.{hint}") from None
         return cls.from_dict(d)

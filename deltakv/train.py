@@ -22,6 +22,9 @@ import torch
 
 from deltakv.config import TrainConfig
 
+# "../conf" of this file, as an absolute path so Hydra finds it whether run as a module or a script
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
 
 def _strip_local_rank(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends ``--local_rank=N``; Hydra would reject it, so move it to the env."""
@@ -166,7 +169,7 @@ def _print_summary(m: dict) -> None:
 def _hydra_entry():
     import hydra
 
-    @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+    @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
     def _run(cfg):
         from deltakv.checkpoint import CheckpointError
         from deltakv.hf_model import UnsupportedModelError

@@ -57,7 +57,6 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         run_name=cfg.logger.run_name,
         seed=cfg.seed,
         deepspeed=cfg.deepspeed,
-        gradient_checkpointing=False,  # enabled on the wrapper itself (frozen-input friendly)
         disable_tqdm=t.disable_tqdm,
         ddp_find_unused_parameters=False,
     )
