@@ -60,6 +60,7 @@ class GenOutput:
     token_ids: list[int]
     finish_reason: str
     prompt_len: int
+    kv_bytes: int | None = None  # KV bytes the sequence held at its end (engine), full KV for hf
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -185,7 +186,9 @@ class HFBackend(Backend):
         text, hit = _cut_at_stop(text, p.stop)
         if hit:
             reason = "stop"
-        return GenOutput(text=text, token_ids=list(new_ids), finish_reason=reason, prompt_len=prompt_len)
+        n_ctx = prompt_len + len(new_ids)
+        return GenOutput(text=text, token_ids=list(new_ids), finish_reason=reason, prompt_len=prompt_len,
+                         kv_bytes=n_ctx * self._bytes_per_token())
 
     def _run(self, ids: list[int], p: GenParams, cache=None) -> GenOutput:
         import torch
@@ -247,6 +250,13 @@ class HFBackend(Backend):
                     cache.crop(-extra)  # drop the generated tokens, keep context + turns so far
                 prefix = full
         return outs
+
+    def _bytes_per_token(self) -> int:
+        cfg = self.model.config
+        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        elt = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(self.dtype), 4)
+        return 2 * cfg.num_hidden_layers * n_kv * head_dim * elt
 
     def kv_stats(self) -> dict:
         cfg = self.model.config
@@ -331,7 +341,7 @@ class EngineBackend(Backend):
         text, hit = _cut_at_stop(o.get("text", ""), stops)
         return GenOutput(text=text, token_ids=list(o.get("token_ids", [])),
                          finish_reason="stop" if hit else str(o.get("finish_reason", "")),
-                         prompt_len=len(o.get("prompt_token_ids", []) or []))
+                         prompt_len=len(o.get("prompt_token_ids", []) or []), kv_bytes=o.get("kv_bytes"))
 
     def generate(self, prompts, params, use_tqdm=None):
         plist = params if isinstance(params, list) else [params] * len(prompts)

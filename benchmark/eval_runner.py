@@ -65,12 +65,46 @@ def harness_module(bcfg):
     return importlib.import_module(HARNESSES[kind])
 
 
+_BUDGET_KNOBS = ("budget", "num_top_tokens", "token_budget", "max_capacity_prompt")
+
+
+def _method_fields(name: str) -> dict | None:
+    """The engine's knob fields of a cache method ({name: default or MISSING}); None if unknown."""
+    try:
+        import dataclasses
+
+        from sparse_engine.cache.registry import get_method
+
+        return {f.name: f.default for f in dataclasses.fields(get_method(name).Config)}
+    except Exception:  # noqa: BLE001 - engine absent or method unknown: the engine will say so later
+        return None
+
+
 def method_and_knobs(cfg) -> tuple[str, dict]:
+    """Method name and the knobs passed to ``sparse_engine.LLM``: the method group's keys, then
+    ``kv_budget`` mapped onto the method's own budget knob (``budget`` / ``num_top_tokens`` ...), then
+    knobs the method requires that the model config provides (e.g. OmniKV's ``full_attn_layers``)."""
     m = _plain(cfg.get("method")) or {}
     if isinstance(m, str):
-        return m, {}
+        m = {"name": m}
     name = m.get("name", "vanilla")
     knobs = {k: v for k, v in m.items() if k != "name" and not str(k).startswith("_")}
+    if name == "vanilla":
+        return name, knobs
+    fields = _method_fields(name)
+    budget = cfg.get("kv_budget")
+    if budget is not None and fields is not None:
+        key = next((k for k in _BUDGET_KNOBS if k in fields), None)
+        if key is None:
+            raise ValueError(f"kv_budget given but method {name!r} has no budget knob (knobs: {sorted(fields)})")
+        knobs.setdefault(key, int(budget))
+    if fields:
+        import dataclasses
+
+        model = _plain(cfg.get("model")) or {}
+        for k, default in fields.items():
+            if k not in knobs and default is dataclasses.MISSING and isinstance(model, dict) and k in model:
+                knobs[k] = model[k]
     return name, knobs
 
 
@@ -87,8 +121,11 @@ def model_ref(cfg) -> str | None:
 def _knob_tag(knobs: dict) -> str:
     if not knobs:
         return ""
+    import re
+
     text = ",".join(f"{k}={knobs[k]}" for k in sorted(knobs))
-    if len(text) <= 48 and "/" not in text:
+    text = re.sub(r"[^A-Za-z0-9_=.,+-]", "", text.replace(", ", "_"))
+    if len(text) <= 64:
         return "-" + text
     return "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
@@ -171,6 +208,7 @@ def _records_for(req: Request, outs: list[GenOutput], common: dict, elapsed: flo
         if req.turn_meta:
             rec.update(req.turn_meta[k])
         rec.update({"pred": o.text, "finish_reason": o.finish_reason, "gen_tokens": len(o.token_ids),
+                    "context_tokens": o.prompt_len or None, "kv_bytes": o.kv_bytes,
                     "prompt_tokens": req.n_prompt_tokens if k == 0 or not req.accumulate else None,
                     "time_s": round(elapsed / max(1, len(outs)), 4)})
         rec.update(common)
@@ -227,6 +265,21 @@ def run_requests(backend: Backend, requests: list[Request], store: PredictionSto
 # ------------------------------------------------------------------------------------------------
 # reporting
 # ------------------------------------------------------------------------------------------------
+def kv_summary(records: list[dict], bytes_per_token: int | None) -> dict:
+    """Mean KV bytes a request held at its end, and its fraction of the full cache of the same
+    tokens (context + generated) when the backend reports bytes per token."""
+    vals = [(r["kv_bytes"], (r.get("context_tokens") or 0) + r.get("gen_tokens", 0)) for r in records
+            if r.get("kv_bytes") is not None]
+    if not vals:
+        return {}
+    out = {"kv_bytes_mean": round(sum(v for v, _ in vals) / len(vals))}
+    if bytes_per_token:
+        fr = [v / (n * bytes_per_token) for v, n in vals if n]
+        if fr:
+            out["kv_fraction_mean"] = round(sum(fr) / len(fr), 4)
+    return out
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -251,7 +304,7 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {k} | {_fmt(v)} |")
     if summary["result"].get("average") is not None:
         lines.append(f"| **average** | **{_fmt(summary['result']['average'])}** |")
-    for extra in ("categories", "per_turn", "buckets", "grid"):
+    for extra in ("categories", "per_turn", "buckets", "grid", "kv"):
         if summary["result"].get(extra):
             lines += ["", f"## {extra}", "", "```json", json.dumps(summary["result"][extra], indent=1), "```"]
     if summary.get("kv_stats"):
@@ -289,14 +342,16 @@ def comparison_table(root: Path, benchmark: str | None = None) -> str:
                 cols.append(k)
     if not rows:
         return ""
-    head = "| run | backend | method | knobs | query | " + " | ".join(cols) + " | avg |"
-    sep = "| --- | --- | --- | --- | --- | " + " | ".join("---:" for _ in cols) + " | ---: |"
+    head = "| run | backend | method | knobs | query | " + " | ".join(cols) + " | avg | KV % |"
+    sep = "| --- | --- | --- | --- | --- | " + " | ".join("---:" for _ in cols) + " | ---: | ---: |"
     lines = [head, sep]
     for s in rows:
         sc = s["result"]["scores"]
         knobs = ", ".join(f"{k}={v}" for k, v in sorted(s["knobs"].items())) or "-"
         lines.append(f"| {s['label']} | {s['backend']} | {s['method']} | {knobs} | {s['query_mode']} | "
-                     + " | ".join(_fmt(sc.get(c)) for c in cols) + f" | {_fmt(s['result'].get('average'))} |")
+                     + " | ".join(_fmt(sc.get(c)) for c in cols) + f" | {_fmt(s['result'].get('average'))} | "
+                     + (f"{100 * s['result']['kv']['kv_fraction_mean']:.1f}" if s["result"].get("kv", {}).get(
+                         "kv_fraction_mean") is not None else "-") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -385,12 +440,14 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
         wanted = {r.uid for r in requests}
         records = [r for r in store.records if r["uid"] in wanted]
         result = harness.score(records, bcfg)
+        kvs = backend.kv_stats()
+        result["kv"] = kv_summary(records, kvs.get("bytes_per_token"))
         label = out_dir.name
         summary = {"benchmark": str(bcfg.name), "label": label, "backend": str(cfg.backend), "method": method,
                    "knobs": knobs, "model": info.get("model_path") or model_ref(cfg) or "smollm2-135m",
                    "query_mode": query_mode, "query_agnostic_effective": agnostic_effective,
                    "session_mode": session_mode, "n_requests": len(requests), "n_generated_now": n_run,
-                   "n_records": len(records), "wall_s": time.time() - t_start, "kv_stats": backend.kv_stats(),
+                   "n_records": len(records), "wall_s": time.time() - t_start, "kv_stats": kvs,
                    "result": result}
         if hasattr(harness, "artifacts"):
             summary["artifacts"] = harness.artifacts(records, bcfg, out_dir, summary)
@@ -444,3 +501,75 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------------------------------
+# paper-table helper (experiments/table_*.py)
+# ------------------------------------------------------------------------------------------------
+ALL_METHODS = ("vanilla", "snapkv", "pyramidkv", "omnikv", "streaming", "deltakv")
+
+
+def available_methods() -> list[str]:
+    try:
+        from sparse_engine.cache.registry import METHODS
+
+        return list(METHODS)
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def run_table(benchmark: str, overrides: list[str], methods=ALL_METHODS, kv_budget: int | None = None,
+              results_root: str = "runs/eval_tables", out_md: str | Path | None = None, title: str = "",
+              command: str = "", notes: str = "", backend: str = "engine") -> str:
+    """Run ``benchmark`` once per method (same overrides, ``kv_budget`` for the compressing ones)
+    and write one comparison table (markdown) over the runs; methods the engine lacks are listed
+    as skipped. Returns the markdown."""
+    known = set(available_methods())
+    root = Path(results_root) / benchmark
+    ran, skipped = [], []
+    for m in methods:
+        if backend == "engine" and known and m not in known:
+            skipped.append(m)
+            continue
+        ov = [f"benchmark={benchmark}", f"backend={backend}", f"method.name={m}", f"results_root={results_root}",
+              "print_table=false", *overrides]
+        if kv_budget is not None and m != "vanilla":
+            ov.append(f"kv_budget={kv_budget}")
+        cfg = compose(ov)
+        t0 = time.time()
+        s = run_eval(cfg)
+        log.info("%s/%s: average %s (%.0fs)", benchmark, m, s["result"].get("average"), time.time() - t0)
+        ran.append(s["label"])
+    # keep only this table's runs
+    rows = []
+    for label in ran:
+        rows.append(json.loads((root / label / "summary.json").read_text()))
+    tmp = Path(results_root) / f".table_{benchmark}"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    for s in rows:
+        (tmp / s["label"]).mkdir(parents=True, exist_ok=True)
+        (tmp / s["label"] / "summary.json").write_text(json.dumps(s, default=str))
+    table = comparison_table(tmp, None)
+    kv = "\n".join(f"| {s['label']} | {s['kv_stats'].get('kv_bytes', s['kv_stats'].get('kv_bytes_peak', '-'))} | "
+                   f"{s['kv_stats'].get('slots_used', '-')} | {s['wall_s']:.0f} |" for s in rows)
+    md = [f"# {title or benchmark}", ""]
+    if command:
+        md += ["Regenerate with:", "", "```bash", command, "```", ""]
+    md += [f"Model: {rows[0]['model'] if rows else '-'}; backend: {backend}; kv_budget: {kv_budget}; "
+           f"generated {time.strftime('%Y-%m-%d %H:%M')} (git {_git_commit()}).", ""]
+    md += [table, ""]
+    md += ["| run | kv_bytes (end of run) | slots_used | wall s |", "| --- | ---: | ---: | ---: |", kv, ""]
+    if skipped:
+        md.append(f"Skipped (not in the engine's method registry yet): {', '.join(skipped)}.")
+        md.append("")
+    if notes:
+        md += [notes, ""]
+    text = "\n".join(md)
+    if out_md:
+        Path(out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_md).write_text(text)
+    print_markdown_table(table, title or benchmark)
+    return text
