@@ -155,6 +155,7 @@ def bench(
     knobs: str | dict = "{}",
     out: str = "runs/bench",
     warmup: bool = True,
+    tokenizer: str | None = None,
     **engine_knobs,
 ) -> list[dict]:
     """Run the grid and return one row per (method, prompt length, batch size).
@@ -168,6 +169,7 @@ def bench(
         random_weights: random weights of the folder's config.json shapes (no weights needed).
         knobs: JSON dict {method: {knob: value}} of method knobs, e.g. '{"snapkv": {"budget": 256}}'.
         out: folder for results.csv / results.md (rewritten after every configuration).
+        tokenizer: folder of the tokenizer used to make prompts (default: the model's, else the shipped one).
         engine_knobs: any EngineConfig field (kv_cache_bytes, chunk_prefill_size, dtype, device ...).
     """
     knobs = json.loads(knobs) if isinstance(knobs, str) else dict(knobs)
@@ -177,7 +179,7 @@ def bench(
     if random_weights:
         engine_knobs["load_format"] = "random"
     path = resolve_model_path(model)
-    tokenizer = _tokenizer_for(path)
+    tokenizer = _tokenizer_for(Path(tokenizer) if tokenizer else path)
     max_len = max(lengths_l) + decode_tokens + 1
     engine_knobs.setdefault("max_model_len", max_len)
     engine_knobs.setdefault("chunk_prefill_size", 4096)
@@ -242,9 +244,11 @@ def main():
 
 
 def _cli_wrapper(model=None, methods="vanilla", lengths="256,1024", batch_sizes="1,4", decode_tokens=32,
-                 hf=False, random_weights=False, knobs="{}", out="runs/bench", warmup=True, **engine_knobs):
+                 hf=False, random_weights=False, knobs="{}", out="runs/bench", warmup=True, tokenizer=None,
+                 **engine_knobs):
     """See `bench` (same arguments); prints the table and writes results.csv / results.md."""
-    bench(model, methods, lengths, batch_sizes, decode_tokens, hf, random_weights, knobs, out, warmup, **engine_knobs)
+    bench(model, methods, lengths, batch_sizes, decode_tokens, hf, random_weights, knobs, out, warmup, tokenizer,
+          **engine_knobs)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,12 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
 
 def shipped_text_path() -> Path:
-    """Path of gensim's Lee news corpus: 299 articles, one per line (~75k SmolLM2 tokens)."""
+    """Path of gensim's Lee news corpus: 299 articles, one per line (~75k SmolLM2 tokens).
+
+    `$DELTAKV_TEXT` overrides it (any UTF-8 file, one document per line), e.g. on a machine
+    without the gensim wheel."""
+    if os.environ.get("DELTAKV_TEXT"):
+        return Path(os.environ["DELTAKV_TEXT"])
     path = _package_dir("gensim", _INSTALL_TEXT) / "test" / "test_data" / "lee_background.cor"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {_INSTALL_TEXT}")

@@ -43,8 +43,8 @@ class View:
 class SequenceKV:
     """A sequence's KV bookkeeping: one SlotTable per layer plus method-private state."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, capacity: int):
-        self.tables = [SlotTable(num_kv_heads, capacity) for _ in range(num_layers)]
+    def __init__(self, num_layers: int, num_kv_heads: int, capacity: int, device="cpu"):
+        self.tables = [SlotTable(num_kv_heads, capacity, device) for _ in range(num_layers)]
         self.state: dict = {}
 
 
@@ -71,7 +71,8 @@ class CacheMethod:
 
     # ------------------------------------------------------------------ lifecycle
     def new_sequence(self, seq) -> None:
-        seq.kv = SequenceKV(self.spec.num_layers, self.spec.num_kv_heads, capacity=max(16, seq.num_tokens))
+        seq.kv = SequenceKV(self.spec.num_layers, self.spec.num_kv_heads, capacity=max(16, seq.num_tokens),
+                            device=self.pool.device)
 
     def release(self, seq) -> None:
         """Return every slot the sequence holds to the pool (finish or preemption)."""
@@ -121,15 +122,18 @@ class CacheMethod:
             return torch.cat([self.attend(s, layer, q[i : i + 1], q_pos[i : i + 1]) for i, s in enumerate(seqs)])
         views = [self.view(s, layer, q[i : i + 1], q_pos[i : i + 1]) for i, s in enumerate(seqs)]
         t = max(v.slots.shape[1] for v in views)
-        table = torch.zeros(len(seqs), self.spec.num_kv_heads, t, dtype=torch.int32)
-        lens = torch.zeros(len(seqs), self.spec.num_kv_heads, dtype=torch.int32)
+        table = torch.zeros(len(seqs), self.spec.num_kv_heads, t, dtype=torch.int32, device=q.device)
+        lens = torch.zeros(len(seqs), self.spec.num_kv_heads, dtype=torch.int32, device=q.device)
         for i, v in enumerate(views):
-            # the kernel reads a prefix of each row: compact valid entries to the front
-            for h in range(v.slots.shape[0]):
-                row = v.slots[h][v.valid[h]]
-                table[i, h, : len(row)] = row.to(torch.int32)
-                lens[i, h] = len(row)
-        out = self.decode_kernel(q, self.pool.k, self.pool.v, table.to(q.device), lens.to(q.device), self.scale)
+            counts = v.valid.sum(-1)
+            if bool((v.valid == (torch.arange(v.valid.shape[1], device=v.valid.device) < counts[:, None])).all()):
+                table[i, :, : v.slots.shape[1]] = v.slots  # valid entries already form a prefix per head
+            else:  # the kernel reads a prefix of each row: compact valid entries to the front
+                for h in range(v.slots.shape[0]):
+                    row = v.slots[h][v.valid[h]]
+                    table[i, h, : len(row)] = row
+            lens[i] = counts
+        out = self.decode_kernel(q, self.pool.k, self.pool.v, table, lens, self.scale)
         for i, (s, v) in enumerate(zip(seqs, views)):
             self.observe(s, layer, q[i : i + 1], q_pos[i : i + 1], v)
             if v.scratch is not None:

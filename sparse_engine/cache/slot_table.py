@@ -9,10 +9,12 @@ class SlotTable:
     """Per-KV-head lists of slot ids, stored as a padded [num_kv_heads, capacity] tensor.
 
     Heads may hold different numbers of tokens (head-wise eviction); `lens[h]` says how many.
+    Slot ids live on the pool's device (the decode kernel reads them there every step, so they are
+    not re-sent from the host); the lengths stay on the host (the scheduler reads them).
     """
 
-    def __init__(self, num_kv_heads: int, capacity: int = 64):
-        self.slots = torch.zeros(num_kv_heads, max(capacity, 1), dtype=torch.long)
+    def __init__(self, num_kv_heads: int, capacity: int = 64, device: torch.device | str = "cpu"):
+        self.slots = torch.zeros(num_kv_heads, max(capacity, 1), dtype=torch.long, device=device)
         self.lens = torch.zeros(num_kv_heads, dtype=torch.long)
 
     @property
@@ -29,13 +31,14 @@ class SlotTable:
         cap = self.slots.shape[1]
         if need <= cap:
             return
-        new = torch.zeros(self.num_kv_heads, max(need, 2 * cap), dtype=torch.long)
+        new = torch.zeros(self.num_kv_heads, max(need, 2 * cap), dtype=torch.long, device=self.slots.device)
         new[:, :cap] = self.slots
         self.slots = new
 
     def append(self, slots: torch.Tensor) -> None:
         """Append [num_kv_heads, n] slot ids (same n for every head)."""
         n = slots.shape[1]
+        slots = slots.to(self.slots.device)
         if bool((self.lens == self.lens[0]).all()):
             start = int(self.lens[0])
             self._grow(start + n)
@@ -57,7 +60,7 @@ class SlotTable:
         """Set each head's slot list (e.g. after eviction); callers free the dropped slots."""
         self._grow(max((len(s) for s in per_head), default=0))
         for h, s in enumerate(per_head):
-            self.slots[h, : len(s)] = s
+            self.slots[h, : len(s)] = s.to(self.slots.device)
             self.lens[h] = len(s)
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,4 +68,4 @@ class SlotTable:
         t = self.max_len()
         slots = self.slots[:, :t]
         valid = torch.arange(t)[None, :] < self.lens[:, None]
-        return slots, valid
+        return slots, valid.to(slots.device)

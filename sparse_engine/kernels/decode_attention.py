@@ -31,6 +31,19 @@ def decode_attention_ref(q, k_pool, v_pool, table, lens, scale):
     return out
 
 
+def decode_attention_torch(q, k_pool, v_pool, table, lens, scale):
+    """Vectorised PyTorch path (gather + masked SDPA): the fallback the kernel must beat."""
+    B, Hq, D = q.shape
+    Hkv, T = table.shape[1], table.shape[2]
+    idx = table.long()
+    k, v = k_pool[idx], v_pool[idx]  # [B, Hkv, T, D]
+    mask = (torch.arange(T, device=q.device)[None, None, :] < lens[:, :, None])[:, :, None, :]  # [B, Hkv, 1, T]
+    g = Hq // Hkv
+    qg = q.view(B, Hkv, g, D).to(k.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
 if triton is not None:
 
     @triton.jit

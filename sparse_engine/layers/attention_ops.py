@@ -29,17 +29,37 @@ def attend_slots(
 ) -> torch.Tensor:
     """Causal attention of n queries over the slots of one sequence and layer. Returns [n, Hq, D]."""
     k, v, kpos = gather_kv(pool, slots)
-    hq, hkv = q.shape[1], k.shape[0]
+    hq, hkv, t = q.shape[1], k.shape[0], k.shape[1]
+    n = q.shape[0]
     qp = q_pos.to(kpos.device)
-    mask = valid.to(kpos.device)[:, None, :] & (kpos[:, None, :] <= qp[None, :, None])  # [Hkv, n, T]
+    valid = valid.to(kpos.device)
+    qh = q.transpose(0, 1).to(k.dtype)[None]  # [1, Hq, n, D]
+    shared = bool(valid.all()) and (hkv == 1 or bool((kpos == kpos[:1]).all()))
+    if shared and sliding_window is None and t >= n:
+        # Common case (vanilla history, all heads alike): keys are positions 0..T-1 in order and the
+        # queries are the last n of them -> a bottom-right causal mask, served by fused SDPA kernels
+        # without materialising an [n, T] mask.
+        ar = torch.arange(t, device=kpos.device)
+        if bool((kpos[0] == ar).all()) and bool((qp == ar[t - n :]).all()):
+            from torch.nn.attention.bias import causal_lower_right
+
+            out = F.scaled_dot_product_attention(qh, k[None], v[None], attn_mask=causal_lower_right(n, t),
+                                                 scale=scale, enable_gqa=hq != hkv)
+            return out[0].transpose(0, 1).to(q.dtype)
+    if shared:
+        mask = kpos[:1, None, :] <= qp[None, :, None]  # [1, n, T], broadcast over heads
+        if sliding_window is not None:
+            mask &= kpos[:1, None, :] > (qp[None, :, None] - sliding_window)
+        out = F.scaled_dot_product_attention(qh, k[None], v[None], attn_mask=mask[None], scale=scale,
+                                             enable_gqa=hq != hkv)
+        return out[0].transpose(0, 1).to(q.dtype)
+    mask = valid[:, None, :] & (kpos[:, None, :] <= qp[None, :, None])  # [Hkv, n, T]
     if sliding_window is not None:
         mask &= kpos[:, None, :] > (qp[None, :, None] - sliding_window)
     if hq != hkv:
         g = hq // hkv
-        k, v, mask = (t.repeat_interleave(g, dim=0) for t in (k, v, mask))
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).to(k.dtype), k, v, attn_mask=mask, scale=scale
-    )  # [Hq, n, D]
+        k, v, mask = (x.repeat_interleave(g, dim=0) for x in (k, v, mask))
+    out = F.scaled_dot_product_attention(qh[0], k, v, attn_mask=mask, scale=scale)  # [Hq, n, D]
     return out.transpose(0, 1).to(q.dtype)
 
 
