@@ -17,6 +17,15 @@ from sparse_engine.models.spec import ModelSpec
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on the shared 2-core machine, 2 threads stall on sync (gathers 50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_path(tiny_model_factory):
     return tiny_model_factory("llama")

@@ -21,6 +21,15 @@ PROMPT_LEN = 1100
 CHUNK = 333  # engine prefill chunk: SnapKV's 32-query window spans two chunks (999 | 1100)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on the shared 2-core machine, 2 threads stall on sync (gathers 50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_factory):
     path = tiny_model_factory("llama")
