@@ -20,6 +20,15 @@ context is prefilled (and, for a compressing method, compressed) before any turn
 ``accumulate=False`` it sees ``context + turns[k]`` (same context, different queries). The engine
 backend calls ``LLM.generate_session`` when the engine has it (session KV reuse); until then it
 falls back to re-prefilling the whole prefix for every turn, and says so in ``session_mode``.
+
+Engine session contract this module expects (for the engine team)::
+
+    outs = llm.generate_session(context_ids: list[int], turns: list[list[int]],
+                                sampling_params: list[SamplingParams], accumulate: bool = True)
+    # -> one output dict per turn ({"text", "token_ids", "finish_reason", "kv_bytes", ...});
+    # the context is prefilled (and compressed by the method) once, before any turn is seen;
+    # accumulate=True keeps context + turns[:k] (not the generated tokens) in the session's KV;
+    # an empty turns[0] means "generate right after the context"; kv_stats() shows the reuse.
 """
 
 from __future__ import annotations

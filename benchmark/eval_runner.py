@@ -509,6 +509,13 @@ if __name__ == "__main__":
 ALL_METHODS = ("vanilla", "snapkv", "pyramidkv", "omnikv", "streaming", "deltakv")
 
 
+def list_arg(x, cast=str) -> list:
+    """A list from a comma string or a tuple/list (fire turns "a,b" into a tuple)."""
+    if isinstance(x, (list, tuple)):
+        return [cast(v) for v in x]
+    return [cast(v) for v in str(x).split(",") if str(v).strip()]
+
+
 def available_methods() -> list[str]:
     try:
         from sparse_engine.cache.registry import METHODS

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fire
 
-from benchmark.eval_runner import ALL_METHODS, run_table
+from benchmark.eval_runner import ALL_METHODS, list_arg as _list, run_table
 
 
 def main(data_path: str | None = None, fixtures: bool = False, n_samples: int = 4, max_tokens: int = 32768,
@@ -31,11 +31,11 @@ def main(data_path: str | None = None, fixtures: bool = False, n_samples: int = 
     if model:
         ov.append(f"model.path={model}")
     cmd = ("python -m experiments.table_aime " + ("--fixtures" if fixtures else f"--data_path {data_path}")
-           + f" --n_samples {n_samples} --max_tokens {max_tokens} --kv_budget {kv_budget} --methods {methods}")
+           + f" --n_samples {n_samples} --max_tokens {max_tokens} --kv_budget {kv_budget} --methods {','.join(_list(methods))}")
     notes = ("pass@1 = mean over problems of correct/n (temperature 0.6, top_p 0.95, seeds 0..n-1); a sample is "
              "correct when its last \\boxed{} equals the answer after normalisation. "
              + ("Fixture data: a pipeline check, not AIME numbers." if fixtures else ""))
-    run_table("aime", ov, methods=methods.split(","), kv_budget=kv_budget, results_root=results_root, out_md=out,
+    run_table("aime", ov, methods=_list(methods), kv_budget=kv_budget, results_root=results_root, out_md=out,
               title="AIME by method", command=cmd, notes=notes)
 
 

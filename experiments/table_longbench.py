@@ -16,7 +16,7 @@ from pathlib import Path
 
 import fire
 
-from benchmark.eval_runner import ALL_METHODS, compose, run_table
+from benchmark.eval_runner import ALL_METHODS, compose, list_arg as _list, run_table
 
 
 def _mean_prompt_tokens(overrides: list[str]) -> float:
@@ -36,6 +36,7 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str = "all"
          kv_ratio: float = 0.29, methods: str = ",".join(ALL_METHODS), gen_cap: int | None = None,
          model: str | None = None, results_root: str = "runs/eval_tables",
          out: str = "experiments/results/eval_longbench.md"):
+    tasks = tasks if tasks in (None, "all") else ",".join(_list(tasks))
     if fixtures:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from fixtures_eval import write_longbench
@@ -55,12 +56,12 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str = "all"
     mean_len = _mean_prompt_tokens(ov)
     budget = max(8, int(round(kv_ratio * mean_len)))
     cmd = ("python -m experiments.table_longbench " + ("--fixtures" if fixtures else f"--data_dir {data_dir}")
-           + f" --tasks {tasks} --kv_ratio {kv_ratio} --methods {methods}" + (f" --limit {limit}" if limit else "")
+           + f" --tasks {tasks} --kv_ratio {kv_ratio} --methods {','.join(_list(methods))}" + (f" --limit {limit}" if limit else "")
            + (f" --gen_cap {gen_cap}" if gen_cap else "") + (f" --model {model}" if model else ""))
     notes = (f"kv_budget = {kv_ratio} x mean prompt length ({mean_len:.0f} tokens) = {budget}. "
              + ("Fixture data (tiny official-format samples written by tests/fixtures_eval): a pipeline check, "
                 "not LongBench numbers." if fixtures else "Official LongBench v1 data."))
-    run_table("longbench", ov, methods=methods.split(","), kv_budget=budget, results_root=results_root, out_md=out,
+    run_table("longbench", ov, methods=_list(methods), kv_budget=budget, results_root=results_root, out_md=out,
               title=f"LongBench by method at ~{round(100 * kv_ratio)}% KV", command=cmd, notes=notes)
 
 

@@ -11,25 +11,25 @@ from __future__ import annotations
 
 import fire
 
-from benchmark.eval_runner import ALL_METHODS, run_table
+from benchmark.eval_runner import ALL_METHODS, list_arg as _list, run_table
 
 
 def main(lengths: str = "256,512,1024", depths: str = "0,25,50,75,100", kv_budget: int = 128,
          methods: str = ",".join(ALL_METHODS), model: str | None = None, results_root: str = "runs/eval_tables",
          out: str = "experiments/results/eval_niah.md"):
-    lengths = [int(x) for x in str(lengths).split(",")]
-    depths = [int(x) for x in str(depths).split(",")]
+    lengths = _list(lengths, int)
+    depths = _list(depths, int)
     ov = [f"benchmark.context_lengths=[{','.join(map(str, lengths))}]",
           f"benchmark.depths=[{','.join(map(str, depths))}]"]
     if model:
         ov.append(f"model.path={model}")
     cmd = (f"python -m experiments.table_niah --lengths {','.join(map(str, lengths))} "
-           f"--depths {','.join(map(str, depths))} --kv_budget {kv_budget} --methods {methods}"
+           f"--depths {','.join(map(str, depths))} --kv_budget {kv_budget} --methods {','.join(_list(methods))}"
            + (f" --model {model}" if model else ""))
     notes = ("Exact retrieval of a 7-digit needle from the shipped news text (benchmark/niah). KV % = bytes a "
              "request held at its end / full-cache bytes of the same tokens, averaged over requests. Heatmaps: "
              f"{results_root}/niah/<run>/niah_heatmap.png.")
-    run_table("niah", ov, methods=methods.split(",") if isinstance(methods, str) else list(methods),
+    run_table("niah", ov, methods=_list(methods),
               kv_budget=kv_budget, results_root=results_root, out_md=out, title="NIAH by method", command=cmd,
               notes=notes)
 

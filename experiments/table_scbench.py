@@ -11,13 +11,14 @@ from pathlib import Path
 
 import fire
 
-from benchmark.eval_runner import ALL_METHODS, run_table
+from benchmark.eval_runner import ALL_METHODS, list_arg as _list, run_table
 
 
 def main(data_dir: str | None = None, fixtures: bool = False, tasks: str | None = None, mode: str = "multi_turn",
          kv_budget: int = 64, methods: str = ",".join(ALL_METHODS), limit: int | None = None,
          gen_cap: int | None = None, max_turns: int | None = None, model: str | None = None,
          results_root: str = "runs/eval_tables", out: str | None = None):
+    tasks = ",".join(_list(tasks)) if tasks else tasks
     if fixtures:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from fixtures_eval import write_scbench
@@ -36,13 +37,13 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str | None 
     if model:
         ov.append(f"model.path={model}")
     cmd = ("python -m experiments.table_scbench " + ("--fixtures" if fixtures else f"--data_dir {data_dir}")
-           + f" --mode {mode} --kv_budget {kv_budget} --methods {methods}" + (f" --tasks {tasks}" if tasks else "")
+           + f" --mode {mode} --kv_budget {kv_budget} --methods {','.join(_list(methods))}" + (f" --tasks {tasks}" if tasks else "")
            + (f" --gen_cap {gen_cap}" if gen_cap else ""))
     notes = ("Scores averaged over turns (per-turn scores in each run's summary.json). Sessions go through "
              "backend.generate_session: with an engine that lacks session KV reuse the shared context is "
              "re-prefilled each turn (session_mode=reprefill in run.json). "
              + ("Fixture data: a pipeline check, not SCBench numbers." if fixtures else ""))
-    run_table("scbench", ov, methods=methods.split(","), kv_budget=kv_budget, results_root=f"{results_root}/{mode}",
+    run_table("scbench", ov, methods=_list(methods), kv_budget=kv_budget, results_root=f"{results_root}/{mode}",
               out_md=out or f"experiments/results/eval_scbench_{mode}.md", title=f"SCBench ({mode}) by method",
               command=cmd, notes=notes)
 
