@@ -386,6 +386,10 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
     """Run (or resume) one evaluation described by ``cfg``; return the summary dict (None when
     ``stop_after`` interrupted it before the end)."""
     t_start = time.time()
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.torch_threads))
     bcfg = cfg.benchmark
     harness = harness_module(bcfg)
     query_mode = str(cfg.get("query_mode", "aware"))
@@ -574,6 +578,17 @@ def run_table(benchmark: str, overrides: list[str], methods=ALL_METHODS, kv_budg
         md.append("")
     if notes:
         md += [notes, ""]
+    if out_md:  # keep the run's pictures (NIAH heatmaps) beside the table
+        import shutil
+
+        for s in rows:
+            for key, path in (s.get("artifacts") or {}).items():
+                if Path(path).is_file():
+                    dest = Path(out_md).parent / f"{Path(out_md).stem}_{s['method']}{Path(path).suffix}"
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, dest)
+                    md.append(f"![{s['label']} {key}]({dest.name})")
+        md.append("")
     text = "\n".join(md)
     if out_md:
         Path(out_md).parent.mkdir(parents=True, exist_ok=True)
