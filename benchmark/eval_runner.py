@@ -97,7 +97,7 @@ def method_and_knobs(cfg) -> tuple[str, dict]:
         key = next((k for k in _BUDGET_KNOBS if k in fields), None)
         if key is None:
             raise ValueError(f"kv_budget given but method {name!r} has no budget knob (knobs: {sorted(fields)})")
-        knobs.setdefault(key, int(budget))
+        knobs[key] = int(budget)  # an explicit kv_budget wins over the method config's default
     if fields:
         import dataclasses
 
@@ -118,11 +118,15 @@ def model_ref(cfg) -> str | None:
     return None
 
 
-def _knob_tag(knobs: dict) -> str:
-    if not knobs:
-        return ""
+def _knob_tag(knobs: dict, method: str | None = None) -> str:
+    """Run-folder tag of the knobs that differ from the method's defaults in the engine."""
     import re
 
+    fields = _method_fields(method) if method else None
+    if fields:
+        knobs = {k: v for k, v in knobs.items() if k not in fields or fields[k] != v}
+    if not knobs:
+        return ""
     text = ",".join(f"{k}={knobs[k]}" for k in sorted(knobs))
     text = re.sub(r"[^A-Za-z0-9_=.,+-]", "", text.replace(", ", "_"))
     if len(text) <= 64:
@@ -134,7 +138,7 @@ def resolve_output_dir(cfg) -> Path:
     if cfg.get("output_dir"):
         return Path(str(cfg.output_dir))
     method, knobs = method_and_knobs(cfg)
-    name = cfg.get("run_name") or f"{cfg.backend}-{method}{_knob_tag(knobs)}-{cfg.get('query_mode', 'aware')}"
+    name = cfg.get("run_name") or f"{cfg.backend}-{method}{_knob_tag(knobs, method)}-{cfg.get('query_mode', 'aware')}"
     return Path(str(cfg.get("results_root") or "runs/eval")) / str(cfg.benchmark.name) / name
 
 
@@ -542,7 +546,8 @@ def run_table(benchmark: str, overrides: list[str], methods=ALL_METHODS, kv_budg
         if backend == "engine" and known and m not in known:
             skipped.append(m)
             continue
-        ov = [f"benchmark={benchmark}", f"backend={backend}", f"method.name={m}", f"results_root={results_root}",
+        pick = f"method={m}" if (CONF_DIR / "method" / f"{m}.yaml").is_file() else f"method.name={m}"
+        ov = [f"benchmark={benchmark}", f"backend={backend}", pick, f"results_root={results_root}",
               "print_table=false", *overrides]
         if kv_budget is not None and m != "vanilla":
             ov.append(f"kv_budget={kv_budget}")
