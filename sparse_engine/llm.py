@@ -135,8 +135,9 @@ class LLM:
             seq.num_computed += n
             self.method.after_step(seq, prefill_done=seq.num_computed >= seq.num_prompt_tokens, num_new_tokens=n)
         finished = []
+        greedy = torch.argmax(logits, dim=-1).tolist() if samplers else []  # one device sync per step
         for i, seq in enumerate(samplers):
-            token = sample(logits[i], seq.params, seq.generator)
+            token = greedy[i] if seq.params.greedy else sample(logits[i], seq.params, seq.generator)
             if seq.params.return_logits:
                 seq.logits = getattr(seq, "logits", []) + [logits[i].cpu()]
             seq.token_ids.append(token)

@@ -33,11 +33,14 @@ class View:
     """What one layer of one sequence attends over: slots [Hkv, T] with a validity mask.
 
     `scratch` slots (e.g. reconstructed DeltaKV tokens) are freed once attention has used them.
+    `prefix_lens` (host tensor [Hkv]) says the valid entries of each head are its first
+    `prefix_lens[h]`: the decode kernel then reads `slots` as they are, with no device sync.
     """
 
     slots: torch.Tensor
     valid: torch.Tensor
     scratch: torch.Tensor | None = None
+    prefix_lens: torch.Tensor | None = None
 
 
 class SequenceKV:
@@ -102,8 +105,9 @@ class CacheMethod:
         seq.kv.tables[layer].append(slots)
 
     def view(self, seq, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> View:
-        slots, valid = seq.kv.tables[layer].padded()
-        return View(slots, valid)
+        table = seq.kv.tables[layer]
+        slots, valid = table.padded()
+        return View(slots, valid, prefix_lens=table.lens.clone())
 
     def observe(self, seq, layer: int, q: torch.Tensor, q_pos: torch.Tensor, view: View) -> None:
         """Called after attention with this step's queries (scoring hook for sparse methods)."""
@@ -123,16 +127,17 @@ class CacheMethod:
         views = [self.view(s, layer, q[i : i + 1], q_pos[i : i + 1]) for i, s in enumerate(seqs)]
         t = max(v.slots.shape[1] for v in views)
         table = torch.zeros(len(seqs), self.spec.num_kv_heads, t, dtype=torch.int32, device=q.device)
-        lens = torch.zeros(len(seqs), self.spec.num_kv_heads, dtype=torch.int32, device=q.device)
+        lens = torch.zeros(len(seqs), self.spec.num_kv_heads, dtype=torch.int32)
         for i, v in enumerate(views):
-            counts = v.valid.sum(-1)
-            if bool((v.valid == (torch.arange(v.valid.shape[1], device=v.valid.device) < counts[:, None])).all()):
-                table[i, :, : v.slots.shape[1]] = v.slots  # valid entries already form a prefix per head
+            if v.prefix_lens is not None:
+                table[i, :, : v.slots.shape[1]] = v.slots
+                lens[i] = v.prefix_lens
             else:  # the kernel reads a prefix of each row: compact valid entries to the front
                 for h in range(v.slots.shape[0]):
                     row = v.slots[h][v.valid[h]]
                     table[i, h, : len(row)] = row
-            lens[i] = counts
+                    lens[i, h] = len(row)
+        lens = (lens.pin_memory() if q.device.type == "cuda" else lens).to(q.device, non_blocking=True)
         out = self.decode_kernel(q, self.pool.k, self.pool.v, table, lens, self.scale)
         for i, (s, v) in enumerate(zip(seqs, views)):
             self.observe(s, layer, q[i : i + 1], q_pos[i : i + 1], v)

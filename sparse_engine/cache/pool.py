@@ -26,9 +26,10 @@ class KVPool:
         self.k = torch.zeros(num_slots, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(num_slots, head_dim, dtype=dtype, device=device)
         self.pos = torch.zeros(num_slots, dtype=torch.long, device=device)  # token position per slot
-        self.refcount = torch.zeros(num_slots, dtype=torch.int32)
-        # Free stack on the host: allocate pops from the top, free pushes back (vectorised, O(n)).
-        self._free = torch.arange(num_slots - 1, -1, -1, dtype=torch.long)
+        self.refcount = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        # Free stack on the pool's device, its top on the host: allocate pops from the top and free
+        # pushes back, vectorised; allocating needs no host<->device sync (decode's hot path).
+        self._free = torch.arange(num_slots - 1, -1, -1, dtype=torch.long, device=device)
         self._top = num_slots
         self.peak_used = 0  # high-water mark of used slots (benchmarks reset it per run)
 
@@ -47,7 +48,7 @@ class KVPool:
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, n: int) -> torch.Tensor:
-        """Pop `n` free slots (refcount 1). Returns a LongTensor of slot ids on the host."""
+        """Pop `n` free slots (refcount 1). Returns a LongTensor of slot ids on the pool's device."""
         if n > self._top:
             raise KVPoolExhausted(f"asked for {n} KV slots, {self._top} free")
         slots = self._free[self._top - n : self._top].clone()
@@ -58,14 +59,15 @@ class KVPool:
 
     def incref(self, slots: torch.Tensor) -> None:
         """Share `slots` with one more owner (prefix cache, SparseX segment store)."""
-        self.refcount.index_add_(0, slots.cpu(), torch.ones(len(slots), dtype=torch.int32))
+        slots = slots.reshape(-1).to(self.device)
+        self.refcount.index_add_(0, slots, torch.ones(len(slots), dtype=torch.int32, device=self.device))
 
     def free(self, slots: torch.Tensor) -> None:
         """Drop one reference to each slot; slots reaching zero go back to the free stack."""
         if slots.numel() == 0:
             return
-        slots = slots.reshape(-1).cpu()
-        self.refcount.index_add_(0, slots, torch.full((len(slots),), -1, dtype=torch.int32))
+        slots = slots.reshape(-1).to(self.device)
+        self.refcount.index_add_(0, slots, torch.full((len(slots),), -1, dtype=torch.int32, device=self.device))
         released = slots[self.refcount[slots] == 0].unique()
         if (self.refcount[slots] < 0).any():
             raise RuntimeError("KVPool: a slot was freed more times than it was referenced (engine bug)")

@@ -16,6 +16,7 @@ class SlotTable:
     def __init__(self, num_kv_heads: int, capacity: int = 64, device: torch.device | str = "cpu"):
         self.slots = torch.zeros(num_kv_heads, max(capacity, 1), dtype=torch.long, device=device)
         self.lens = torch.zeros(num_kv_heads, dtype=torch.long)
+        self.lens_dev = torch.zeros(num_kv_heads, dtype=torch.long, device=device)  # mirror: masks without syncs
 
     @property
     def num_kv_heads(self) -> int:
@@ -49,6 +50,7 @@ class SlotTable:
                 s = int(self.lens[h])
                 self.slots[h, s : s + n] = slots[h]
         self.lens += n
+        self.lens_dev += n
 
     def head(self, h: int) -> torch.Tensor:
         return self.slots[h, : int(self.lens[h])]
@@ -62,10 +64,11 @@ class SlotTable:
         for h, s in enumerate(per_head):
             self.slots[h, : len(s)] = s.to(self.slots.device)
             self.lens[h] = len(s)
+        self.lens_dev = self.lens.to(self.slots.device, copy=True)  # never alias the host lengths
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([H, T] slot ids, [H, T] valid mask) with T = longest head."""
         t = self.max_len()
         slots = self.slots[:, :t]
-        valid = torch.arange(t)[None, :] < self.lens[:, None]
-        return slots, valid.to(slots.device)
+        valid = torch.arange(t, device=slots.device)[None, :] < self.lens_dev[:, None]
+        return slots, valid
