@@ -17,6 +17,7 @@ Budget mapping: snapkv / adakv / pyramidkv / streaming: `budget` tokens per KV h
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import random
 import time
@@ -73,6 +74,9 @@ def main(argv=None) -> Path:
     ap.add_argument("--max_tokens", type=int, default=12)
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="experiments/results/methods_niah_4k.md")
+    ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bf16 on CUDA")
+    ap.add_argument("--save_prompts", default=None, help="write the prompts (token ids) to this JSON and exit")
+    ap.add_argument("--prompts", default=None, help="read prompts from --save_prompts' JSON (machines without the corpus)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is fastest on a shared, oversubscribed CPU (thread sync stalls)")
     a = ap.parse_args(argv)
@@ -80,13 +84,19 @@ def main(argv=None) -> Path:
     torch.manual_seed(0)
     depths = [float(d) for d in a.depths.split(",")]
     budgets = [int(b) for b in a.budgets.split(",")]
-    rows, tok, prompts = [], None, None
+    rows, prompts = [], None
+    if a.prompts:
+        prompts = json.loads(Path(a.prompts).read_text())
+        depths = [p["depth"] for p in prompts]
     for method in a.methods.split(","):
         for budget in ([None] if method == "vanilla" else budgets):
-            llm = LLM(a.model, method=method, dtype="float32", chunk_prefill_size=1024, **knobs_for(method, budget or 0))
+            llm = LLM(a.model, method=method, dtype=a.dtype, chunk_prefill_size=1024, kv_cache_bytes=1 << 30,
+                      **knobs_for(method, budget or 0))
             if prompts is None:
-                tok = llm.tokenizer
-                prompts = build_prompts(tok, a.length, depths)
+                prompts = build_prompts(llm.tokenizer, a.length, depths)
+                if a.save_prompts:
+                    Path(a.save_prompts).write_text(json.dumps(prompts))
+                    return Path(a.save_prompts)
             res = [run_one(llm, p["ids"], a.max_tokens) for p in prompts]
             acc = {p["depth"]: float(p["value"] in r["text"]) for p, r in zip(prompts, res)}
             row = {"method": method, "budget": "full" if budget is None else budget, "acc": acc,
@@ -100,13 +110,19 @@ def main(argv=None) -> Path:
     return out
 
 
+def _where() -> str:
+    if torch.cuda.is_available():
+        return f"bf16, {torch.cuda.get_device_name(0)}; decode tok/s is bound by the engine's per-layer host work"
+    return (f"float32, CPU {platform.machine()}, {torch.get_num_threads()} torch thread(s) on a shared, loaded "
+            "machine: tok/s is indicative only")
+
+
 def write_table(rows, prompts, depths, a) -> Path:
     lens = [len(p["ids"]) for p in prompts]
     lines = [f"# NIAH smoke: sparse methods x KV budgets ({a.length}-token haystack of real text)", "",
              f"Command: `python -m experiments.niah_methods --length {a.length} --budgets {a.budgets} "
-             f"--depths {a.depths} --methods {a.methods}`", "",
-             f"Model: shipped SmolLM2-135M-Instruct (float32, CPU, {platform.machine()}, {torch.get_num_threads()} threads; "
-             f"shared machine, so tok/s is indicative). Prompts: {min(lens)}-{max(lens)} tokens, one needle "
+             f"--depths {a.depths} --methods {a.methods}" + (f" --prompts {a.prompts}" if a.prompts else "") + "`", "",
+             f"Model: shipped SmolLM2-135M-Instruct ({_where()}). Prompts: {min(lens)}-{max(lens)} tokens, one needle "
              "(7-digit value) per prompt, chat template, greedy, exact-match retrieval. Budget = tokens kept per "
              "KV head and layer (pyramidkv: the mean; omnikv: tokens read by sparse layers, all kept in memory). "
              "KV = bytes per sequence right after prefill.", "",

@@ -14,6 +14,7 @@ from sparse_engine.cache.budgets import (adakv_select, exp_decay_budgets, format
 from sparse_engine.cache.registry import METHODS, get_method
 from sparse_engine.models.spec import ModelSpec
 
+POOL = 1 << 28  # 256 MiB KV pool: the CUDA default (85% of free memory) would starve later LLMs
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 
 
@@ -133,7 +134,7 @@ KV_CASES = {
 @pytest.mark.parametrize("name", list(KV_CASES))
 def test_kv_bytes_after_prefill_follow_budget_formula(tiny_path, name):
     """kv_stats() per-sequence bytes and the pool's used slots equal the budget formula."""
-    llm = LLM(tiny_path, method=name, dtype="float32", chunk_prefill_size=256, **KV_CASES[name])
+    llm = LLM(tiny_path, method=name, dtype="float32", kv_cache_bytes=POOL, chunk_prefill_size=256, **KV_CASES[name])
     prompt = torch.randint(3, 256, (700,), generator=torch.Generator().manual_seed(0)).tolist()
     seq = _prefill(llm, prompt)
     spec, stats = llm.spec, llm.kv_stats()
@@ -164,7 +165,7 @@ BIG = {
 
 @pytest.fixture(scope="module")
 def vanilla_run(tiny_path):
-    llm = LLM(tiny_path, method="vanilla", dtype="float32", chunk_prefill_size=128)
+    llm = LLM(tiny_path, method="vanilla", dtype="float32", kv_cache_bytes=POOL, chunk_prefill_size=128)
     prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 300)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, return_logits=True)
     return prompts, params, llm.generate(prompts, params, use_tqdm=False)
@@ -173,7 +174,7 @@ def vanilla_run(tiny_path):
 @pytest.mark.parametrize("name", list(BIG))
 def test_budget_covering_prompt_equals_vanilla(tiny_path, vanilla_run, name):
     prompts, params, ref = vanilla_run
-    llm = LLM(tiny_path, method=name, dtype="float32", chunk_prefill_size=128, **BIG[name])
+    llm = LLM(tiny_path, method=name, dtype="float32", kv_cache_bytes=POOL, chunk_prefill_size=128, **BIG[name])
     outs = llm.generate(prompts, params, use_tqdm=False)
     for o, r in zip(outs, ref):
         assert o["token_ids"] == r["token_ids"]

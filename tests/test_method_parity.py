@@ -16,6 +16,7 @@ from tests.hf_reference import first_divergence_is_tie
 from tests.method_reference import (OmniKVRef, SnapKVRef, StreamingRef, engine_run, load_ref_model,
                                     ref_generate)
 
+POOL = 1 << 28  # 256 MiB KV pool: the CUDA default (85% of free memory) would starve later LLMs
 STEPS = 16
 PROMPT_LEN = 1100
 CHUNK = 333  # engine prefill chunk: SnapKV's 32-query window spans two chunks (999 | 1100)
@@ -52,7 +53,7 @@ def _assert_tokens(toks, ref_toks, ref_logits):
 
 
 def _check_snap(path, hf, prompt, method, knobs, ref, chunk=CHUNK):
-    llm = LLM(path, method=method, dtype="float32", chunk_prefill_size=chunk, **knobs)
+    llm = LLM(path, method=method, dtype="float32", kv_cache_bytes=POOL, chunk_prefill_size=chunk, **knobs)
     toks, _, kept, kv_bytes, _ = engine_run(llm, prompt, STEPS)
     ref_toks, ref_logits = ref_generate(hf, prompt, STEPS, ref)
     for layer, heads in kept.items():
@@ -76,7 +77,7 @@ SNAP_CASES = {
 def test_snapkv_family_matches_reference(tiny, case):
     path, hf, prompt = tiny
     method, knobs, ref_kw = SNAP_CASES[case]
-    llm = LLM(path, method=method, dtype="float32", **knobs)
+    llm = LLM(path, method=method, dtype="float32", kv_cache_bytes=POOL, **knobs)
     ref = SnapKVRef(llm.method.budgets, llm.spec.num_kv_heads, **ref_kw)
     _, kept = _check_snap(path, hf, prompt, method, knobs, ref)
     if case == "adakv":  # heads really got different budgets, summing to the layer's total
@@ -96,7 +97,7 @@ def test_pyramidkv_matches_reference(tiny):
 def test_streaming_matches_reference(tiny):
     path, hf, prompt = tiny
     budgets = exp_decay_budgets(256, 4, 0.7, 20)
-    llm = LLM(path, method="streaming", dtype="float32", chunk_prefill_size=300, budget=256, budget_decay=0.7, min_budget=20)
+    llm = LLM(path, method="streaming", dtype="float32", kv_cache_bytes=POOL, chunk_prefill_size=300, budget=256, budget_decay=0.7, min_budget=20)
     slot_sets = []
     toks, _, kept, kv_bytes, _ = engine_run(
         llm, prompt, STEPS, on_step=lambda s: [set(t.all_slots().tolist()) for t in s.kv.tables])
@@ -111,7 +112,7 @@ def test_streaming_matches_reference(tiny):
 def test_streaming_ring_overwrites_in_place(tiny):
     """Once full, decode writes no new slots: same slot ids, O(1) update, slots_needed == 0."""
     path, _, prompt = tiny
-    llm = LLM(path, method="streaming", dtype="float32", budget=64, sink_size=4)
+    llm = LLM(path, method="streaming", dtype="float32", kv_cache_bytes=POOL, budget=64, sink_size=4)
     seen = []
 
     def probe(seq):
@@ -132,7 +133,7 @@ def test_omnikv_matches_reference(tiny, chunked):
     else:
         knobs = dict(full_attn_layers=[0, 1], num_top_tokens=64)
     chunk = 300 if chunked else 4096
-    llm = LLM(path, method="omnikv", dtype="float32", chunk_prefill_size=chunk, **knobs)
+    llm = LLM(path, method="omnikv", dtype="float32", kv_cache_bytes=POOL, chunk_prefill_size=chunk, **knobs)
     toks, _, kept, kv_bytes, trace = engine_run(llm, prompt, STEPS, on_step=_omni_trace(llm))
     ref = OmniKVRef(4, knobs["full_attn_layers"], knobs["num_top_tokens"], knobs.get("num_top_tokens_in_prefill"),
                     sink=4, recent=knobs.get("recent_size", 32))
@@ -155,7 +156,7 @@ def test_shipped_model_snapkv(shipped_model_path, articles):
     tok = AutoTokenizer.from_pretrained(shipped_model_path)
     prompt = tok.encode(" ".join(articles[:40]))[:1000]
     hf = load_ref_model(shipped_model_path)
-    llm = LLM(shipped_model_path, method="snapkv", dtype="float32", budget=128)
+    llm = LLM(shipped_model_path, method="snapkv", dtype="float32", kv_cache_bytes=POOL, budget=128)
     ref = SnapKVRef(llm.method.budgets, 3)
     del llm
     _check_snap(shipped_model_path, hf, prompt, "snapkv", dict(budget=128), ref, chunk=500)
