@@ -84,7 +84,7 @@ def format_table(metrics: dict, title: str = "DeltaKV reconstruction (held-out)"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from data_prepare.config import PackConfig
+    from data_prepare.config import PackConfig, SourceConfig
     from data_prepare.pack import pack_dataset
     from deltakv.checkpoint import load_compressor
     from deltakv.hf_model import load_frozen_lm
@@ -94,14 +94,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-sequences", type=int, default=16)
+    ap.add_argument("--text", default=None, help="held-out text file (default: the shipped news split)")
+    ap.add_argument("--cache-dir", default=None, help="where packed data is cached (default: user cache)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     lm, tok = load_frozen_lm(args.model)
     comp = load_compressor(args.checkpoint, expected_model_config=lm.config)
-    data, _ = pack_dataset(PackConfig(seq_len=args.seq_len), tok)
+    if args.text:  # every document of the file is evaluation data
+        cfg = PackConfig(name="eval", sources=[SourceConfig(type="text", path=args.text)], seq_len=args.seq_len,
+                         eval_fraction=0.5, cache_dir=args.cache_dir)
+    else:
+        cfg = PackConfig(seq_len=args.seq_len, cache_dir=args.cache_dir)
+    data, _ = pack_dataset(cfg, tok)
     metrics = evaluate_reconstruction(DeltaKVForTraining(lm, comp), data["validation"], args.max_sequences)
     print(format_table(metrics))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2))
 
 

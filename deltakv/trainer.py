@@ -8,6 +8,7 @@ DeepSpeed excludes the frozen base model from its engine checkpoints.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -32,6 +33,10 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
     """Map the validated config onto ``TrainingArguments`` (DeepSpeed dict passed through as is)."""
     t = cfg.trainer
     report_to = "none" if cfg.logger.report_to == "none" else [cfg.logger.report_to]
+    modules = {"wandb": ["wandb"], "tensorboard": ["tensorboard", "tensorboardX"]}.get(cfg.logger.report_to, [])
+    if modules and not any(importlib.util.find_spec(m) for m in modules):
+        raise ValueError(f"logger={cfg.logger.report_to} needs the `{modules[0]}` package: pip install "
+                         f"{modules[0]} (or use logger=none, the default)")
     if cfg.logger.report_to == "wandb":
         os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
     return TrainingArguments(

@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(RUNS))
     ap.add_argument("--out-root", default=str(ROOT / "outputs" / "ablations"))
     ap.add_argument("--results", default=str(ROOT / "experiments" / "results" / "train_ablations"))
+    ap.add_argument("--merge", default="", help="comma-separated result .json files (from parallel invocations) to "
+                    "fold into --results before writing the table")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
@@ -66,6 +68,9 @@ def main() -> None:
         raise SystemExit(f"unknown runs {unknown}; choose from {list(RUNS)}")
     results_json = Path(args.results).with_suffix(".json")
     results = json.loads(results_json.read_text()) if results_json.exists() else {}
+    for extra in filter(None, args.merge.split(",")):
+        results.update(json.loads(Path(extra).read_text()))
+    results = {n: results[n] for n in RUNS if n in results}
     for name in names:
         results[name] = run(name, RUNS[name][1], Path(args.out_root))
         results = {n: results[n] for n in RUNS if n in results}

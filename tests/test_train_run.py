@@ -83,6 +83,14 @@ def test_pca_baseline_needs_no_training(setup, tmp_path):
     m = run_training(config(*overrides(root, model, tmp_path, "compressor=pca")))
     assert m["method"] == "pca" and "global_step" not in m["train"] and m["train"]["pca_energy_captured"]
     assert not list(tmp_path.glob("checkpoint-*"))
+    # the standalone evaluation CLI reads the checkpoint back and writes the same kind of JSON
+    from deltakv.evaluate import main as evaluate_main
+
+    out = tmp_path / "eval" / "metrics.json"
+    evaluate_main([str(tmp_path / "compressor"), "--model", str(model), "--text", str(root / "corpus.txt"),
+                   "--seq-len", "32", "--max-sequences", "2", "--cache-dir", str(root / "packed"), "--json", str(out)])
+    e = json.loads(out.read_text())
+    assert e["sequences"] == 2 and e["ppl_recon"] > 1 and set(e["layers"]) == {"1", "2"}
 
 
 def test_bad_inputs(setup, tmp_path, monkeypatch, capsys):
