@@ -94,7 +94,8 @@ class OmniKVCache(CacheMethod):
 
     def _budget(self, seq, q_pos):
         """The top-k knob for this step: decode, or a prefill chunk (None: full attention)."""
-        return self.config.num_top_tokens if int(q_pos[0]) >= seq.num_prompt_tokens else self.config.num_top_tokens_in_prefill
+        decode = seq.num_computed >= seq.num_prompt_tokens  # host-side: no device sync per layer
+        return self.config.num_top_tokens if decode else self.config.num_top_tokens_in_prefill
 
     def view(self, seq, layer, q, q_pos) -> View:
         slots, valid = seq.kv.tables[layer].padded()
@@ -113,7 +114,7 @@ class OmniKVCache(CacheMethod):
             return
         cfg = self.config
         k, _, kpos = gather_kv(self.pool, view.slots)
-        start = int(q_pos.min())
+        start = seq.num_computed  # position of this step's first query
         pos = kpos[0].cpu()  # every head of every layer holds the same positions in the same order
         history = (pos >= cfg.sink_size) & (pos < start - cfg.recent_size)
         n_hist = int(history.sum())

@@ -111,13 +111,15 @@ class SnapKVCache(CacheMethod):
     # ------------------------------------------------------------------ scoring input
     def observe(self, seq, layer, q, q_pos, view) -> None:
         """Buffer the prompt's last `window_size` queries of this layer (they may span chunks)."""
-        p = seq.num_prompt_tokens
-        keep = (q_pos >= p - self.config.window_size) & (q_pos < p)
-        if not bool(keep.any()):
+        # This step's queries sit at positions [num_computed, num_computed + n): decided on the host,
+        # so decode steps (all past the prompt) cost nothing and never sync with the device.
+        p, start = seq.num_prompt_tokens, seq.num_computed
+        lo, hi = max(start, p - self.config.window_size), min(start + q.shape[0], p)
+        if lo >= hi or seq.kv.state.get("compressed"):
             return
         buf = seq.kv.state.setdefault("qbuf", {})
         old_q, old_pos = buf.get(layer, (q[:0], q_pos[:0]))
-        buf[layer] = (torch.cat([old_q, q[keep]]), torch.cat([old_pos, q_pos[keep]]))
+        buf[layer] = (torch.cat([old_q, q[lo - start : hi - start]]), torch.cat([old_pos, q_pos[lo - start : hi - start]]))
 
     def after_step(self, seq, prefill_done: bool, num_new_tokens: int) -> None:
         state = seq.kv.state
