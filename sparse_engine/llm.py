@@ -106,8 +106,29 @@ class LLM:
             return list(prompt)
         raise TypeError(f"A prompt must be a str or a list of int token ids, got {type(prompt).__name__}.")
 
-    def add_request(self, prompt, params: SamplingParams) -> Sequence:
-        ids = self._tokenize(prompt)
+    def _segmented(self, pieces, prompt) -> tuple[list[int], list[int]]:
+        """Token ids of `pieces` (str or token-id lists, each tokenized on its own) followed by `prompt`
+        (the request's new tail; None or "" for none), and the pieces' token lengths."""
+        if not isinstance(pieces, (list, tuple)) or not pieces:
+            raise TypeError("segments: give one non-empty list of pieces (str or token-id lists) per prompt")
+        ids, lens = [], []
+        for piece in list(pieces) + ([prompt] if prompt not in (None, "", []) else []):
+            if isinstance(piece, str) and ids and self.tokenizer is not None:
+                toks = self.tokenizer.encode(piece, add_special_tokens=False)  # no BOS inside the prompt
+            else:
+                toks = self._tokenize(piece)
+            ids.extend(toks)
+            lens.append(len(toks))
+        return ids, lens[: len(pieces)]
+
+    def add_request(self, prompt, params: SamplingParams, segments=None) -> Sequence:
+        """Queue one request. `segments`: optional list of pieces (documents, turns...: str or token-id
+        lists) placed BEFORE `prompt`; each is tokenized alone and its token span is recorded on the
+        sequence (`seq.segments`, lengths) for methods that reuse segment KV (SparseX)."""
+        if segments is None:
+            ids, seg_lens = self._tokenize(prompt), None
+        else:
+            ids, seg_lens = self._segmented(segments, prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"Prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} (prompt + output "
@@ -120,7 +141,7 @@ class LLM:
                 f"slots but the pool has {self.pool.num_slots}. Raise kv_cache_bytes (now "
                 f"{self.pool.num_slots * self.pool.bytes_per_slot} bytes) or lower max_tokens."
             )
-        seq = Sequence(ids, params)
+        seq = Sequence(ids, params, segments=seg_lens)
         if not params.greedy:
             seq.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else self.config.seed + seq.seq_id)
         self._seqs[seq.seq_id] = seq
@@ -181,17 +202,24 @@ class LLM:
         }
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[dict]:
-        """Generate for a prompt or a list of prompts (strings or token-id lists), in input order."""
+                 use_tqdm: bool = True, segments: list | None = None) -> list[dict]:
+        """Generate for a prompt or a list of prompts (strings or token-id lists), in input order.
+
+        `segments` (optional, one entry per prompt, None for a plain prompt): the pieces placed before
+        each prompt, see `add_request`."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         if single:
             prompts = [prompts]
+            segments = None if segments is None else [segments]
+        if segments is not None and len(segments) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(segments)} segment lists; give one per prompt.")
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams; give one or one per prompt.")
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        segs = segments if segments is not None else [None] * len(prompts)
+        seqs = [self.add_request(p, sp, sg) for p, sp, sg in zip(prompts, params, segs)]
         bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, dynamic_ncols=True)
         try:
             while self.scheduler.has_work():
@@ -227,6 +255,7 @@ class LLM:
             "kv_bytes_used": pool.num_used * pool.bytes_per_slot,
             "num_preemptions": self.scheduler.num_preemptions,
             "per_sequence_bytes": {s.seq_id: self.method.kv_bytes(s) for s in running},
+            **self.method.stats(),
         }
 
     # ------------------------------------------------------------------ lifetime

@@ -90,11 +90,22 @@ class CacheMethod:
         """Pool slots a step that adds `num_new_tokens` to `seq` allocates (before any eviction)."""
         return num_new_tokens * self.spec.num_layers * self.spec.num_kv_heads
 
+    def whole_prefill(self, seq) -> bool:
+        """True asks the scheduler to prefill this not-yet-started prompt in ONE step (no chunking) when
+        it fits `max_num_batched_tokens` (SparseX needs every token of a prompt in one forward)."""
+        return False
+
     def max_slots(self, num_tokens: int) -> int:
         """Peak slots one sequence of `num_tokens` can hold (admission check against the pool)."""
         return self.slots_needed(None, num_tokens)
 
     # ------------------------------------------------------------------ per layer
+    def rows_for_layer(self, ctx, layer: int) -> torch.Tensor | None:
+        """Before layer `layer`: sorted indices of the batch rows that go on through this and later
+        layers (rows dropped here are not computed any further; their K/V for the remaining layers
+        come from the method's `write`), or None to keep every row. Default: None."""
+        return None
+
     def write(self, seq, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
               k_pre: torch.Tensor | None = None) -> None:
         """Store the new tokens' K (after RoPE) and V, each [n, Hkv, D]."""
@@ -148,6 +159,10 @@ class CacheMethod:
     # ------------------------------------------------------------------ per step
     def after_step(self, seq, prefill_done: bool, num_new_tokens: int) -> None:
         """After every layer has run this step: evict / compress here (frees slots for real)."""
+
+    def stats(self) -> dict:
+        """Method-wide counters merged into `LLM.kv_stats()` (e.g. a segment store's bytes)."""
+        return {}
 
     def kv_bytes(self, seq) -> int:
         """Bytes of KV this sequence holds in the pool."""

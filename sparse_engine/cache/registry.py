@@ -8,6 +8,7 @@ from .base import CacheMethod
 from .omnikv import OmniKVCache
 from .pyramidkv import PyramidKVCache
 from .snapkv import AdaKVCache, SnapKVCache
+from .sparsex import SparseXCache
 from .streaming import StreamingCache
 from .vanilla import VanillaCache
 
@@ -18,6 +19,7 @@ METHODS: dict[str, type[CacheMethod]] = {
     "pyramidkv": PyramidKVCache,
     "omnikv": OmniKVCache,
     "streaming": StreamingCache,
+    "sparsex": SparseXCache,
 }
 
 

@@ -30,7 +30,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        return min(seq.num_pending, self.config.chunk_prefill_size, budget)
+        n = min(seq.num_pending, self.config.chunk_prefill_size, budget)
+        if (n < seq.num_pending and seq.num_computed == 0 and seq.num_pending <= self.config.max_num_batched_tokens
+                and self.method.whole_prefill(seq)):
+            return seq.num_pending if seq.num_pending <= budget else 0  # 0: wait for a step with room
+        return n
 
     def _preempt(self, seq: Sequence) -> None:
         self.method.release(seq)
@@ -49,6 +53,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._chunk(seq, budget)
+            if n == 0:
+                i += 1
+                continue
             need = self.method.slots_needed(seq, n)
             while self.pool.num_free - reserved < need and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
@@ -62,6 +69,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             n = self._chunk(seq, budget)
+            if n == 0:
+                break
             need = self.method.slots_needed(seq, n)
             if self.pool.num_free - reserved < need:
                 break

@@ -18,7 +18,7 @@ _ids = itertools.count()
 
 
 class Sequence:
-    def __init__(self, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, segments: list[int] | None = None):
         self.seq_id = next(_ids)
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
@@ -29,6 +29,7 @@ class Sequence:
         self.num_preemptions = 0
         self.kv = None  # SequenceKV, owned by the cache method
         self.generator = None  # torch.Generator for seeded sampling
+        self.segments = segments  # caller-given segment lengths (tokens) partitioning the prompt's start
 
     @property
     def num_tokens(self) -> int:

@@ -42,6 +42,15 @@ class ForwardContext:
     method: object  # CacheMethod
     all_decode: bool  # every slice is a single decode token -> batched decode kernel may run
 
+    def narrow(self, keep: torch.Tensor) -> "ForwardContext":
+        """The context of rows `keep` (sorted row indices) of this batch: positions, RoPE tables and
+        each sequence's slice shrink to the kept rows (a method's `rows_for_layer` asked for them)."""
+        bounds = torch.tensor([s.start for s in self.slices] + [self.slices[-1].end if self.slices else 0])
+        cut = torch.searchsorted(keep.cpu(), bounds).tolist()
+        slices = [SeqSlice(s.seq, cut[i], cut[i + 1]) for i, s in enumerate(self.slices)]
+        return ForwardContext(slices, self.positions[keep], self.cos[keep], self.sin[keep], self.method,
+                              self.all_decode)
+
 
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
@@ -125,7 +134,15 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, logit_rows: torch.Tensor) -> torch.Tensor:
         """Run every layer; return logits (float32) only for `logit_rows` of the flattened batch."""
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            keep = ctx.method.rows_for_layer(ctx, i)  # None: every row goes on (all methods but SparseX)
+            if keep is not None:
+                remap = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+                remap[keep] = torch.arange(len(keep), device=x.device)
+                logit_rows = remap[logit_rows]
+                if bool((logit_rows < 0).any()):
+                    raise RuntimeError(f"{ctx.method.name}: rows_for_layer({i}) dropped a row whose logits are needed")
+                x, ctx = x[keep], ctx.narrow(keep)
             x = layer(x, ctx)
         x = self.model.norm(x[logit_rows])
         return self.lm_head(x).float()
