@@ -19,7 +19,7 @@ from tests.method_reference import (OmniKVRef, SnapKVRef, StreamingRef, engine_r
 POOL = 1 << 28  # 256 MiB KV pool: the CUDA default (85% of free memory) would starve later LLMs
 STEPS = 16
 PROMPT_LEN = 1100
-CHUNK = 333  # engine prefill chunk: SnapKV's 32-query window spans two chunks (999 | 1100)
+CHUNK = 360  # engine prefill chunks end at 360, 720, 1080: the 32-query window [1068, 1100) spans two
 
 
 @pytest.fixture(scope="module", autouse=True)
