@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 from .base import CacheMethod
+from .deltakv import DeltaKVCache
 from .omnikv import OmniKVCache
 from .pyramidkv import PyramidKVCache
 from .snapkv import AdaKVCache, SnapKVCache
@@ -19,6 +20,7 @@ METHODS: dict[str, type[CacheMethod]] = {
     "pyramidkv": PyramidKVCache,
     "omnikv": OmniKVCache,
     "streaming": StreamingCache,
+    "deltakv": DeltaKVCache,
     "sparsex": SparseXCache,
 }
 
