@@ -67,7 +67,14 @@ def _convert_gguf(gguf_dir: Path, out: Path) -> None:
     model.config.dtype = "bfloat16"
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a killed conversion never leaves a half-written folder behind
+    try:
+        tmp.rename(out)  # atomic: a killed conversion never leaves a half-written folder behind
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # another process (a test worker) converted it first
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
