@@ -351,7 +351,9 @@ def comparison_table(root: Path, benchmark: str | None = None) -> str:
     lines = [head, sep]
     for s in rows:
         sc = s["result"]["scores"]
-        knobs = ", ".join(f"{k}={v}" for k, v in sorted(s["knobs"].items())) or "-"
+        fields = _method_fields(s["method"]) if s["method"] != "vanilla" else None
+        shown = {k: v for k, v in s["knobs"].items() if not fields or k not in fields or fields[k] != v}
+        knobs = ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or "-"
         lines.append(f"| {s['label']} | {s['backend']} | {s['method']} | {knobs} | {s['query_mode']} | "
                      + " | ".join(_fmt(sc.get(c)) for c in cols) + f" | {_fmt(s['result'].get('average'))} | "
                      + (f"{100 * s['result']['kv']['kv_fraction_mean']:.1f}" if s["result"].get("kv", {}).get(
@@ -381,6 +383,9 @@ def print_markdown_table(md: str, title: str) -> None:
 def _fingerprint(cfg, method, knobs) -> dict:
     b = dict(_plain(cfg.benchmark))
     b.pop("data_dir", None)  # moving the data does not change the run
+    fields = _method_fields(method) if method != "vanilla" else None
+    if fields:  # knobs equal to the engine's defaults do not change the run
+        knobs = {k: v for k, v in knobs.items() if k not in fields or fields[k] != v}
     return {"benchmark": b, "backend": str(cfg.backend), "method": method, "knobs": knobs,
             "model": model_ref(cfg), "query_mode": str(cfg.get("query_mode", "aware")),
             "engine": _plain(cfg.get("engine")) or {}}
@@ -569,15 +574,16 @@ def run_table(benchmark: str, overrides: list[str], methods=ALL_METHODS, kv_budg
         (tmp / s["label"]).mkdir(parents=True, exist_ok=True)
         (tmp / s["label"] / "summary.json").write_text(json.dumps(s, default=str))
     table = comparison_table(tmp, None)
-    kv = "\n".join(f"| {s['label']} | {s['kv_stats'].get('kv_bytes', s['kv_stats'].get('kv_bytes_peak', '-'))} | "
-                   f"{s['kv_stats'].get('slots_used', '-')} | {s['wall_s']:.0f} |" for s in rows)
+    kv = "\n".join(f"| {s['label']} | {s['result'].get('kv', {}).get('kv_bytes_mean', '-')} | "
+                   f"{s['kv_stats'].get('bytes_per_token', '-')} | {s['n_records']} | {s['wall_s']:.0f} |" for s in rows)
     md = [f"# {title or benchmark}", ""]
     if command:
         md += ["Regenerate with:", "", "```bash", command, "```", ""]
     md += [f"Model: {rows[0]['model'] if rows else '-'}; backend: {backend}; kv_budget: {kv_budget}; "
            f"generated {time.strftime('%Y-%m-%d %H:%M')} (git {_git_commit()}).", ""]
     md += [table, ""]
-    md += ["| run | kv_bytes (end of run) | slots_used | wall s |", "| --- | ---: | ---: | ---: |", kv, ""]
+    md += ["| run | mean KV bytes per request (at its end) | full-KV bytes per token | records | wall s |",
+           "| --- | ---: | ---: | ---: | ---: |", kv, ""]
     if skipped:
         md.append(f"Skipped (not in the engine's method registry yet): {', '.join(skipped)}.")
         md.append("")

@@ -33,7 +33,7 @@ def _mean_prompt_tokens(overrides: list[str]) -> float:
 
 
 def main(data_dir: str | None = None, fixtures: bool = False, tasks: str = "all", limit: int | None = None,
-         kv_ratio: float = 0.29, methods: str = ",".join(ALL_METHODS), gen_cap: int | None = None,
+         kv_ratio: float = 0.29, min_budget: int = 40, methods: str = ",".join(ALL_METHODS), gen_cap: int | None = None,
          model: str | None = None, results_root: str = "runs/eval_tables",
          out: str = "experiments/results/eval_longbench.md"):
     tasks = tasks if tasks in (None, "all") else ",".join(_list(tasks))
@@ -54,11 +54,12 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str = "all"
     if model:
         ov.append(f"model.path={model}")
     mean_len = _mean_prompt_tokens(ov)
-    budget = max(8, int(round(kv_ratio * mean_len)))
+    budget = max(min_budget, int(round(kv_ratio * mean_len)))
     cmd = ("python -m experiments.table_longbench " + ("--fixtures" if fixtures else f"--data_dir {data_dir}")
            + f" --tasks {tasks} --kv_ratio {kv_ratio} --methods {','.join(_list(methods))}" + (f" --limit {limit}" if limit else "")
            + (f" --gen_cap {gen_cap}" if gen_cap else "") + (f" --model {model}" if model else ""))
-    notes = (f"kv_budget = {kv_ratio} x mean prompt length ({mean_len:.0f} tokens) = {budget}. "
+    notes = (f"kv_budget = max({min_budget}, {kv_ratio} x mean prompt length ({mean_len:.0f} tokens)) = {budget} "
+             "(the floor keeps SnapKV's sink + observation window inside the budget). "
              + ("Fixture data (tiny official-format samples written by tests/fixtures_eval): a pipeline check, "
                 "not LongBench numbers." if fixtures else "Official LongBench v1 data."))
     run_table("longbench", ov, methods=_list(methods), kv_budget=budget, results_root=results_root, out_md=out,
