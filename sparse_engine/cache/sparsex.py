@@ -49,7 +49,8 @@ class SparseXConfig(MethodConfig):
 
     Attributes:
         recompute_ratio: fraction in [0, 1] of reused (non-prefix) tokens recomputed in the layers at
-            and above `full_recompute_layers`, chosen by Sparse-Q attention scores.
+            and above `full_recompute_layers`: each reused segment's first tokens, then the tokens
+            with the highest Sparse-Q scores up to the ratio.
         full_recompute_layers: the first layers, which recompute every non-prefix token (full
             attention); Sparse-Q selects from the last of them. Must be >= 1 when recompute_ratio > 0.
         num_first_tokens: first tokens of each reused segment always recomputed (they were computed
@@ -257,7 +258,8 @@ class SparseXCache(CacheMethod):
         plan.compute = ~plan.exact & (~plan.reused | plan.first)
         cand = plan.reused & ~plan.first
         n_cand = int(cand.sum())
-        k_top = min(n_cand, math.ceil(self.config.recompute_ratio * int(plan.reused.sum()) - 1e-9))
+        n_reused = int(plan.reused.sum())  # the ratio counts the segments' first tokens too
+        k_top = min(n_cand, math.ceil(self.config.recompute_ratio * n_reused - 1e-9) - (n_reused - n_cand))
         if k_top <= 0:
             return
         if k_top >= n_cand:
