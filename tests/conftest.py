@@ -8,7 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread per test process: CI runs `pytest -n 2` on 2 cores, and two threads per worker
+# stall each other on every synchronising op (gathers were measured 50x slower oversubscribed).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
