@@ -359,3 +359,16 @@ def test_scbench_scoring_repoqa_and_subtasks_without_model():
     assert out["scores"] == {"scbench_repoqa": 50.0, "scbench_repoqa_and_kv/kv": 100.0,
                              "scbench_repoqa_and_kv/repoqa": 100.0}
     assert out["per_turn"]["scbench_repoqa"] == {"0": 100.0, "1": 0.0}
+
+
+def test_hydra_multirun_yields_one_comparison_table(tmp_path):
+    """`deltakv-eval -m ...` sweeps land beside each other and share one comparison.md."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "benchmark.eval_runner", "-m", "backend=hf", "benchmark=niah",
+                        "query_mode=aware,agnostic", "benchmark.context_lengths=[160]", "benchmark.depths=[50]",
+                        "benchmark.max_tokens=8", f"results_root={tmp_path}", "progress=false", "torch_threads=1"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    comp = (tmp_path / "niah" / "comparison.md").read_text()
+    assert "hf-vanilla-aware" in comp and "hf-vanilla-agnostic" in comp
+    assert "L=160" in comp and "niah: all runs" in r.stdout
