@@ -1,0 +1,176 @@
+"""DeltaKV serving in sparse_engine: exact reconstruction path, OmniKV equivalence, byte accounting,
+latent codecs, loader errors, and `deltakv-bench` on CPU. Tiny random models + compressors built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltakv.checkpoint import CheckpointError, save_compressor
+from deltakv.compressor import CompressorConfig, DeltaKVCompressor
+from deltakv.reference import ReferenceSpec
+from sparse_engine import LLM, SamplingParams
+from sparse_engine.offload.latent_store import LatentCodec
+
+COMMON = dict(dtype="float32", chunk_prefill_size=32, kv_cache_bytes=1 << 24)
+SP = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+REF = ReferenceSpec(num_sinks=4, cluster_ratio=0.25, top_k=2)  # stride 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_compressor(latent: int | None = None, seed: int = 0, layers=(1, 2, 3), full=(0,), ref: ReferenceSpec = REF,
+                    num_layers: int = 4, num_kv_heads: int = 2, head_dim: int = 16) -> DeltaKVCompressor:
+    """latent=None: identity-like (latent width = joined width, down = orthogonal Q, up = Q^T);
+    else a random linear compressor of that latent width (a real, lossy one)."""
+    width = 2 * num_kv_heads * head_dim
+    cfg = CompressorConfig(model_type="llama", num_hidden_layers=num_layers, num_kv_heads=num_kv_heads,
+                           head_dim=head_dim, layers=list(layers), full_attn_layers=list(full),
+                           kv_compressed_size=latent or width - 1, down="linear", bias=True, reference=ref)
+    if latent is None:
+        cfg.kv_compressed_size = width  # past the checkpoint validation: a lossless latent, for tests only
+    comp = DeltaKVCompressor(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            q, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
+            q = q.float()[: cfg.kv_compressed_size]  # orthonormal rows: up = down^T is the best rank-r inverse
+            pair = comp[layer]
+            pair.down.proj.weight.copy_(q)
+            pair.down.proj.bias.zero_()
+            pair.up.proj.weight.copy_(q.T)
+            pair.up.proj.bias.zero_()
+    return comp
+
+
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [list(range(3, 70)), [int(x) for x in torch.randint(3, 250, (110,), generator=g)]]
+
+
+def _tokens(outs):
+    return [o["token_ids"] for o in outs]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_factory):
+    return str(tiny_model_factory("llama"))
+
+
+@pytest.fixture(scope="module")
+def vanilla_out(tiny):
+    return LLM(tiny, **COMMON).generate(prompts(), SP, use_tqdm=False)
+
+
+def test_identity_compressor_equals_vanilla(tiny, vanilla_out):
+    """Lossless latents: compress + reconstruct (fathers, inverse RoPE, RoPE) gives vanilla's tokens."""
+    llm = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(), latent_dtype="float32", recent_size=8,
+              num_top_tokens=4096, **COMMON)
+    out = llm.generate(prompts(), SP, use_tqdm=False)
+    assert _tokens(out) == _tokens(vanilla_out)
+    st = llm.kv_stats()
+    assert st["compressed_tokens"] > 100 and st["reconstructed_tokens"] > st["compressed_tokens"]
+    assert st["slots_used"] == 0 and st["latent_bytes_device"] == 0  # everything released
+
+
+def test_identity_topk_equals_omnikv(tiny):
+    """With a top-k narrower than the history, DeltaKV reads exactly OmniKV's tokens."""
+    knobs = dict(num_top_tokens=10, recent_size=8, **COMMON)
+    omni = LLM(tiny, method="omnikv", full_attn_layers=[0], sink_size=4, **knobs).generate(prompts(), SP, use_tqdm=False)
+    dkv = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(), latent_dtype="float32",
+              **knobs).generate(prompts(), SP, use_tqdm=False)
+    assert _tokens(dkv) == _tokens(omni)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
+def test_kv_bytes_exact_and_below_vanilla(tiny, vanilla_out, dtype):
+    llm = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(latent=16), latent_dtype=dtype, recent_size=8,
+              **COMMON)
+    seq = llm.add_request(prompts()[1], SP)
+    while seq.num_computed < seq.num_prompt_tokens:
+        llm.step()
+    m = llm.method
+    full_slots = sum(t.total() for t in seq.kv.tables)
+    rows = m.latent_rows(seq)
+    payload = {"bf16": 32, "int8": 16 + 2, "int4": 8 + 2}[dtype]
+    assert m.store.row_bytes == payload + 2 * 2  # + two int16 father ordinals
+    assert m.kv_bytes(seq) == full_slots * llm.pool.bytes_per_slot + rows * m.store.row_bytes
+    n = seq.num_computed
+    n_proto = int(REF.is_prototype(torch.arange(n - 8)).sum())
+    assert rows == 3 * (n - 8 - n_proto)  # every non-prototype token outside the recent window, 3 layers
+    st = llm.kv_stats()
+    assert st["latent_bytes_device"] == rows * m.store.row_bytes
+    assert st["kv_bytes_used_all_tiers"] == st["full_precision_bytes_used"] + st["latent_bytes_device"]
+    vanilla_bytes = 4 * 2 * n * llm.pool.bytes_per_slot
+    assert m.kv_bytes(seq) < 0.7 * vanilla_bytes  # 1 of 4 layers full, 1 in 4 tokens a prototype
+    while not seq.finished:
+        llm.step()
+    assert len(seq.output_token_ids) == SP.max_tokens
+
+
+def test_lossy_compressor_runs_with_prefill_topk(tiny):
+    llm = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(latent=24), latent_dtype="int8", recent_size=8,
+              num_top_tokens=0.5, num_top_tokens_in_prefill=0.5, **COMMON)
+    out = llm.generate(prompts(), SP, use_tqdm=False)
+    assert all(len(t) == SP.max_tokens for t in _tokens(out))
+    assert llm.pool.num_used == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16", "int8", "int4"])
+def test_latent_codec_roundtrip(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 24, generator=g) * torch.rand(50, 1, generator=g) * 5
+    x[3] = 0.0
+    fathers = torch.randint(-1, 3000, (50, 4), generator=g)
+    codec = LatentCodec(24, dtype, 4, 2)
+    rows = codec.encode(x, fathers)
+    assert rows.dtype == torch.uint8 and rows.shape == (50, codec.row_bytes)
+    lat, f = codec.decode(rows)
+    assert torch.equal(f, fathers)
+    amax = x.abs().amax(1, keepdim=True)
+    tol = {"float32": 0 * amax, "bf16": amax / 128, "int8": amax / 127 * 0.51, "int4": amax / 7 * 0.51}[dtype]
+    assert ((lat - x).abs() <= tol + 1e-6).all()
+    assert torch.equal(lat[3], torch.zeros(24))
+
+
+def test_loader_errors(tiny, tmp_path):
+    with pytest.raises(ValueError, match="needs deltakv_path"):
+        LLM(tiny, method="deltakv", **COMMON)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        LLM(tiny, method="deltakv", deltakv_path=str(tmp_path / "nope"), **COMMON)
+    wrong = save_compressor(tmp_path / "wrong", tiny_compressor(latent=16, layers=range(1, 6), num_layers=6))
+    with pytest.raises(CheckpointError, match="does not match the model.*layers: checkpoint 6, model 4"):
+        LLM(tiny, method="deltakv", deltakv_path=str(wrong), **COMMON)
+    wide = save_compressor(tmp_path / "wide", tiny_compressor(latent=16, head_dim=32))
+    with pytest.raises(CheckpointError, match="joined KV width"):
+        LLM(tiny, method="deltakv", deltakv_path=str(wide), **COMMON)
+    partial = save_compressor(tmp_path / "partial", tiny_compressor(latent=16, layers=(2, 3)))
+    with pytest.raises(ValueError, match=r"layers \[1\] are neither"):
+        LLM(tiny, method="deltakv", deltakv_path=str(partial), **COMMON)
+    ok = save_compressor(tmp_path / "ok", tiny_compressor(latent=16))
+    with pytest.raises(ValueError, match="sink_size=8 differs"):
+        LLM(tiny, method="deltakv", deltakv_path=str(ok), sink_size=8, **COMMON)
+    with pytest.raises(ValueError, match="latent_dtype"):
+        LLM(tiny, method="deltakv", deltakv_path=str(ok), latent_dtype="int3", **COMMON)
+    # a single weights file next to its config loads too; layers in full_attn_layers stay full
+    llm = LLM(tiny, method="deltakv", deltakv_path=str(ok / "compressor.safetensors"), full_attn_layers=[0, 2],
+              **COMMON)
+    assert llm.method.sparse == [1, 3] and llm.method.source == {1: 0, 3: 2}
+
+
+def test_bench_runs_on_cpu(tiny, tmp_path):
+    from benchmark.throughput import bench
+
+    ckpt = save_compressor(tmp_path / "c", tiny_compressor(latent=16))
+    rows = bench(tiny, methods="vanilla,deltakv", lengths="96", batch_sizes="1", decode_tokens=4, warmup=False,
+                 knobs={"deltakv": {"deltakv_path": str(ckpt), "latent_dtype": "int8", "recent_size": 8}},
+                 out=str(tmp_path / "bench"), dtype="float32", kv_cache_bytes=1 << 24)
+    by = {r["method"]: r for r in rows}
+    assert by["deltakv"]["kv_bytes_per_seq"] < 0.7 * by["vanilla"]["kv_bytes_per_seq"]
+    assert by["deltakv"]["decode_tok_s"] > 0
