@@ -9,7 +9,7 @@
   the reference selection of `deltakv.reference` (`cluster_e2e`, metric l2) returning indices.
 
 RoPE tables: `cos`, `sin` [n, D/2] WITHOUT attention scaling; `scaling` is passed apart (the
-engine's RoPE multiplies cos and sin by it, so its inverse divides by scaling**2).
+engine's RoPE multiplies cos and sin by it, i.e. scales K by it, so its inverse divides by scaling).
 `dispatch(use_triton)` picks the implementation; tests compare both under TRITON_INTERPRET=1.
 """
 
@@ -41,7 +41,7 @@ def gather_inverse_rope_ref(k_pool, v_pool, slots, cos, sin, scaling: float = 1.
     h = k.shape[-1] // 2
     c, s = cos[None], sin[None]
     lo, hi = k[..., :h], k[..., h:]
-    k = torch.cat([lo * c + hi * s, hi * c - lo * s], dim=-1) / (scaling * scaling)
+    k = torch.cat([lo * c + hi * s, hi * c - lo * s], dim=-1) / scaling
     return torch.cat([k.transpose(0, 1).reshape(n, -1), v.transpose(0, 1).reshape(n, -1)], dim=1)
 
 
@@ -92,7 +92,7 @@ def topk_fathers_ref(kv, pos, proto_kv, proto_pos, top_k: int, metric: str = "l2
 if triton is not None:
 
     @triton.jit
-    def _gather_inv_rope_kernel(K, V, Slots, Cos, Sin, Out, n, inv_s2, stride_sh, stride_on,
+    def _gather_inv_rope_kernel(K, V, Slots, Cos, Sin, Out, n, inv_s, stride_sh, stride_on,
                                 HKV: tl.constexpr, HALF: tl.constexpr):
         i = tl.program_id(0)
         h = tl.program_id(1)
@@ -103,8 +103,8 @@ if triton is not None:
         lo = tl.load(K + slot * 2 * HALF + d).to(tl.float32)
         hi = tl.load(K + slot * 2 * HALF + HALF + d).to(tl.float32)
         base = Out + i * stride_on + h * 2 * HALF
-        tl.store(base + d, (lo * c + hi * s) * inv_s2)
-        tl.store(base + HALF + d, (hi * c - lo * s) * inv_s2)
+        tl.store(base + d, (lo * c + hi * s) * inv_s)
+        tl.store(base + HALF + d, (hi * c - lo * s) * inv_s)
         vbase = Out + i * stride_on + HKV * 2 * HALF + h * 2 * HALF
         tl.store(vbase + d, tl.load(V + slot * 2 * HALF + d).to(tl.float32))
         tl.store(vbase + HALF + d, tl.load(V + slot * 2 * HALF + HALF + d).to(tl.float32))
@@ -198,7 +198,7 @@ def gather_inverse_rope_triton(k_pool, v_pool, slots, cos, sin, scaling: float =
         return out
     slots = slots.contiguous()
     _gather_inv_rope_kernel[(n, hkv)](k_pool, v_pool, slots, cos.contiguous(), sin.contiguous(), out, n,
-                                      1.0 / (scaling * scaling), slots.stride(0), out.stride(0), HKV=hkv, HALF=d // 2)
+                                      1.0 / scaling, slots.stride(0), out.stride(0), HKV=hkv, HALF=d // 2)
     return out
 
 
