@@ -19,7 +19,7 @@ from .cache.registry import get_method
 from .config import EngineConfig, split_knobs
 from .engine.model_runner import ModelRunner
 from .engine.scheduler import Scheduler
-from .engine.sequence import Sequence
+from .engine.sequence import Sequence, Status
 from .layers.sampler import sample
 from .models.loader import load_model, random_model
 from .models.spec import ModelSpec
@@ -76,6 +76,7 @@ class LLM:
         self.scheduler = Scheduler(cfg, self.method, self.pool)
         self.runner = ModelRunner(self.model, self.method, self.device)
         self._seqs: dict[int, Sequence] = {}
+        self.session_reused_tokens = 0
 
     # ------------------------------------------------------------------ setup
     def _num_slots(self) -> int:
@@ -158,16 +159,26 @@ class LLM:
         finished = []
         greedy = torch.argmax(logits, dim=-1).tolist() if samplers else []  # one device sync per step
         for i, seq in enumerate(samplers):
+            if seq.hold:  # a session prefix is cached: keep its KV and the logits of its last token
+                seq.last_logits = logits[i]
+                self.scheduler.hold(seq)
+                continue
             token = greedy[i] if seq.params.greedy else sample(logits[i], seq.params, seq.generator)
-            if seq.params.return_logits:
-                seq.logits = getattr(seq, "logits", []) + [logits[i].cpu()]
-            seq.token_ids.append(token)
-            reason = self._stop_reason(seq, token)
-            if reason:
-                seq.kv_bytes_at_finish = self.method.kv_bytes(seq)
-                self.scheduler.finish(seq, reason)
+            if self._accept(seq, token, logits[i]):
+                self.scheduler.finish(seq, seq.finish_reason)
                 finished.append(seq)
         return finished
+
+    def _accept(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
+        """Append a sampled token; return True (with `seq.finish_reason` set) if the sequence ends."""
+        if seq.params.return_logits:
+            seq.logits = getattr(seq, "logits", []) + [logits.cpu()]
+        seq.token_ids.append(token)
+        reason = self._stop_reason(seq, token)
+        if reason:
+            seq.kv_bytes_at_finish = self.method.kv_bytes(seq)
+            seq.finish_reason = reason
+        return reason is not None
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -240,6 +251,76 @@ class LLM:
         self.scheduler.waiting.clear()
         self._seqs.clear()
 
+    # ------------------------------------------------------------------ sessions
+    def generate_session(self, context, turns, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                         accumulate: bool = True, use_tqdm: bool = False) -> list[dict]:
+        """Shared-context multi-turn generation that prefills the context once (SCBench sessions).
+
+        The context is prefilled - and compressed by the method, before any question is seen
+        (query-agnostic) - into a held session KV. With `accumulate=True` turn k sees context +
+        turns[0..k] (turn tokens, not generated answers, extend the session); with False each turn
+        sees context + turns[k] and all turns run as one batch. Each answer forks the session's KV:
+        slots are shared by reference, never copied or recomputed. An empty turn generates right
+        after the context. Returns one output dict per turn; `kv_stats()["session_reused_tokens"]`
+        counts the prompt tokens served from the session instead of being prefilled.
+        """
+        context = self._tokenize(context)
+        turns = [self._tokenize(t) if t else [] for t in turns]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(turns)
+        if len(params) != len(turns):
+            raise ValueError(f"{len(turns)} turns but {len(params)} SamplingParams; give one or one per turn.")
+        total = len(context) + sum(map(len, turns)) * (1 if accumulate else 0) + max(map(len, turns), default=0)
+        if total >= self.max_model_len:
+            raise ValueError(f"The session needs {total} prompt tokens but max_model_len is {self.max_model_len}.")
+        session = Sequence(context, SamplingParams(temperature=0.0, max_tokens=1))
+        session.hold = True
+        self._run_until_held(session)
+        outs = []
+        try:
+            if accumulate:
+                for turn, p in zip(turns, params):
+                    if turn:
+                        session.token_ids += turn
+                        self._run_until_held(session)
+                    outs.append(self._run_children(session, [[]], [p])[0])
+            else:
+                outs = self._run_children(session, turns, params)
+        finally:
+            self.method.release(session)
+        return outs
+
+    def _run_until_held(self, session: Sequence) -> None:
+        session.status = Status.WAITING
+        self.scheduler.add(session)
+        while session.status != Status.HELD:
+            self.step()
+
+    def _run_children(self, session: Sequence, turns: list[list[int]], params: list[SamplingParams]) -> list[dict]:
+        """Fork one sequence per turn from the held session and run them to completion together."""
+        children = []
+        for turn, p in zip(turns, params):
+            child = Sequence(session.token_ids + turn, p)
+            if not p.greedy:
+                child.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else self.config.seed + child.seq_id)
+            self.method.fork(session, child)
+            child.num_computed = session.num_computed
+            self.session_reused_tokens += session.num_computed
+            children.append(child)
+            if turn:
+                self.scheduler.add(child)
+                continue
+            # nothing new to prefill: the first token comes from the session's last logits
+            logits = session.last_logits
+            token = int(torch.argmax(logits)) if p.greedy else sample(logits, p, child.generator)
+            if self._accept(child, token, logits):
+                child.status = Status.FINISHED
+                self.method.release(child)
+            else:
+                self.scheduler.add(child)
+        while any(c.status != Status.FINISHED for c in children):
+            self.step()
+        return [self._output(c) for c in children]
+
     # ------------------------------------------------------------------ introspection
     def kv_stats(self) -> dict:
         pool = self.pool
@@ -254,6 +335,7 @@ class LLM:
             "kv_bytes_total": pool.num_slots * pool.bytes_per_slot,
             "kv_bytes_used": pool.num_used * pool.bytes_per_slot,
             "num_preemptions": self.scheduler.num_preemptions,
+            "session_reused_tokens": self.session_reused_tokens,
             "per_sequence_bytes": {s.seq_id: self.method.kv_bytes(s) for s in running},
             **self.method.stats(),
         }

@@ -9,6 +9,7 @@ in `registry.py`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -76,6 +77,16 @@ class CacheMethod:
     def new_sequence(self, seq) -> None:
         seq.kv = SequenceKV(self.spec.num_layers, self.spec.num_kv_heads, capacity=max(16, seq.num_tokens),
                             device=self.pool.device)
+
+    def fork(self, src, dst) -> None:
+        """Give `dst` the KV of `src` (sessions, prefix reuse): tables are copied, slots shared with
+        a reference each, method state deep-copied. A method that writes slots in place must copy
+        a slot whose refcount is > 1 before writing it (copy-on-write)."""
+        dst.kv = SequenceKV.__new__(SequenceKV)
+        dst.kv.tables = [t.clone() for t in src.kv.tables]
+        dst.kv.state = copy.deepcopy(src.kv.state)
+        for t in src.kv.tables:
+            self.pool.incref(t.all_slots())
 
     def release(self, seq) -> None:
         """Return every slot the sequence holds to the pool (finish or preemption)."""

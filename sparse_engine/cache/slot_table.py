@@ -52,6 +52,12 @@ class SlotTable:
         self.lens += n
         self.lens_dev += n
 
+    def clone(self) -> "SlotTable":
+        """A copy of the table (the slots themselves are shared: callers incref them)."""
+        new = SlotTable.__new__(SlotTable)
+        new.slots, new.lens, new.lens_dev = self.slots.clone(), self.lens.clone(), self.lens_dev.clone()
+        return new
+
     def head(self, h: int) -> torch.Tensor:
         return self.slots[h, : int(self.lens[h])]
 

@@ -76,7 +76,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
-            self.method.new_sequence(seq)
+            if seq.kv is None:  # forked or held sessions arrive with their KV
+                self.method.new_sequence(seq)
             self.running.append(seq)
             batch.append((seq, n))
             reserved += need
@@ -90,6 +91,11 @@ class Scheduler:
                 "Raise kv_cache_bytes or lower chunk_prefill_size."
             )
         return batch
+
+    def hold(self, seq: Sequence) -> None:
+        """Stop running `seq` but keep its KV (a session waiting for its next turn)."""
+        seq.status = Status.HELD
+        self.running.remove(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED

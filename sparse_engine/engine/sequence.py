@@ -11,6 +11,7 @@ from ..sampling_params import SamplingParams
 class Status(Enum):
     WAITING = auto()
     RUNNING = auto()
+    HELD = auto()  # KV kept, nothing to run (a session between turns)
     FINISHED = auto()
 
 
@@ -29,6 +30,8 @@ class Sequence:
         self.num_preemptions = 0
         self.kv = None  # SequenceKV, owned by the cache method
         self.generator = None  # torch.Generator for seeded sampling
+        self.hold = False  # session prefix: once every token is cached, keep the KV and do not sample
+        self.last_logits = None  # held sequences keep the logits of their last token
         self.segments = segments  # caller-given segment lengths (tokens) partitioning the prompt's start
 
     @property
