@@ -180,3 +180,25 @@ def test_budget_covering_prompt_equals_vanilla(tiny_path, vanilla_run, name):
         assert o["token_ids"] == r["token_ids"]
         assert all(torch.equal(a, b) for a, b in zip(o["logits"], r["logits"]))
         assert o["kv_bytes"] == r["kv_bytes"]
+
+
+def test_streaming_fork_copies_shared_ring_slots(tiny_path):
+    """A forked sequence shares ring slots: in-place overwrites must copy them first (copy-on-write)."""
+    from sparse_engine.engine.sequence import Sequence, Status
+
+    llm = LLM(tiny_path, method="streaming", budget=64, dtype="float32", kv_cache_bytes=POOL)
+    prompt = torch.randint(3, 256, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    ref = llm.generate([prompt], params, use_tqdm=False)[0]["token_ids"]
+    a = llm.add_request(prompt, params)
+    while a.num_computed < a.num_prompt_tokens:
+        llm.step()
+    b = Sequence(list(a.token_ids), params)
+    b.prompt_token_ids, b.num_computed, b.status = list(a.prompt_token_ids), a.num_computed, Status.RUNNING
+    llm.method.fork(a, b)
+    assert llm.method.slots_needed(b, 1) > 0  # copy-on-write slots are reserved
+    llm.scheduler.running.append(b)
+    while not (a.finished and b.finished):
+        llm.step()
+    assert a.output_token_ids == ref and b.output_token_ids == ref
+    assert llm.kv_stats()["slots_used"] == 0

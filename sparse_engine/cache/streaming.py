@@ -83,7 +83,17 @@ class StreamingCache(CacheMethod):
     def slots_needed(self, seq, num_new_tokens: int) -> int:
         grow = sum(max(0, min(self._held(seq, l) + num_new_tokens, b) - self._held(seq, l))
                    for l, b in enumerate(self.budgets))
+        kv = getattr(seq, "kv", None) if seq is not None else None
+        cow = kv.state.get("cow") if kv is not None else None
+        if cow:  # after a fork, ring overwrites may copy shared slots first (upper bound)
+            grow += sum(min(num_new_tokens, c) for c in cow)
         return grow * self.spec.num_kv_heads
+
+    def fork(self, src, dst) -> None:
+        """Share the ring with a fork; both sides then copy a shared slot before overwriting it."""
+        super().fork(src, dst)
+        for s in (src, dst):
+            s.kv.state["cow"] = [b - self.config.sink_size for b in self.budgets]
 
     def max_slots(self, num_tokens: int) -> int:
         return sum(min(num_tokens, b) for b in self.budgets) * self.spec.num_kv_heads
@@ -158,3 +168,6 @@ class StreamingCache(CacheMethod):
         self.pool.write(targets.reshape(-1), k[n - m :].transpose(0, 1).reshape(-1, d),
                         v[n - m :].transpose(0, 1).reshape(-1, d), positions[n - m :].repeat(hkv))
         seq.kv.state["ptr"][layer] = (ptr + r) % ring
+        cow = seq.kv.state.get("cow")
+        if cow:  # once every ring slot was rewritten since the fork, none is shared any more
+            cow[layer] = max(0, cow[layer] - r)
