@@ -65,7 +65,7 @@ def test_unknown_keys_are_rejected(tmp_path):
 
 
 def test_deepspeed_local_rank_is_moved_out_of_argv(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # registers the variable so it is restored after the test
     assert _strip_local_rank(["train", "--local_rank=3", "+experiment=smoke"]) == ["train", "+experiment=smoke"]
     import os
 
