@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 
 def run(name: str, extra: list[str], out_root: Path) -> dict:
     out = out_root / name
-    cmd = ["deltakv-train", "+experiment=smoke", *extra, f"hydra.run.dir={out}", "trainer.disable_tqdm=true"]
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    cmd = ["deltakv-train", "+experiment=smoke", *extra, f"hydra.run.dir={shown}", "trainer.disable_tqdm=true"]
     print("$", " ".join(cmd), flush=True)
     t = time.time()
     proc = subprocess.run([sys.executable, "-m", "deltakv.train", *cmd[1:]], cwd=ROOT, text=True,
@@ -39,18 +41,19 @@ def run(name: str, extra: list[str], out_root: Path) -> dict:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["wall_s"] = round(time.time() - t, 1)
+    metrics["load_avg_15min_at_end"] = round(os.getloadavg()[2], 1)  # the CPU is shared: wall times need context
     metrics["command"] = " ".join(cmd)
     return metrics
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| run | what | ppl true | ppl recon | ratio | rel. KV error | loss first -> last | wall s |",
+    lines = ["| run | what | ppl true | ppl recon | ratio | rel. KV error | loss first -> last | wall s (15-min load avg) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, m in results.items():
         e, t = m["eval"], m["train"]
         loss = f"{t['loss_first']:.3f} -> {t['loss_last']:.3f}" if t.get("loss_first") is not None else "-"
         lines.append(f"| {name} | {RUNS[name][0]} | {e['ppl_true']:.2f} | {e['ppl_recon']:.2f} | "
-                     f"x{e['ppl_ratio']:.3f} | {e['rel_err_mean']:.3f} | {loss} | {m['wall_s']} |")
+                     f"x{e['ppl_ratio']:.3f} | {e['rel_err_mean']:.3f} | {loss} | {m['wall_s']} ({m.get('load_avg_15min_at_end', '?')}) |")
     return "\n".join(lines)
 
 
@@ -76,6 +79,7 @@ def main() -> None:
         results = {n: results[n] for n in RUNS if n in results}
         results_json.write_text(json.dumps(results, indent=2, default=str))
         print(table({name: results[name]}).splitlines()[-1], flush=True)
+    results_json.write_text(json.dumps(results, indent=2, default=str))
     md = ["# DeltaKV training ablations (SmolLM2-135M, shipped news text, CPU)", "",
           "Latent 128 of the joined KV width 384 (1/3); layers 0-2 full, 27 compressed; 16 sinks + every 10th "
           "token exact; 512-token sequences; held-out perplexity over the validation split (articles never "
