@@ -201,6 +201,27 @@ def test_store_gives_way_when_pool_is_short(tiny, parts):
     assert sx.kv_stats()["segment_store_evictions"] >= 2
 
 
+def test_composes_with_omnikv_decode(tiny, parts, monkeypatch):
+    """SparseX prefill + OmniKV sparse decode; ratio 1 equals plain OmniKV."""
+    from sparse_engine.cache import registry
+    from sparse_engine.cache.omnikv import OmniKVCache
+    from sparse_engine.cache.sparsex import sparsex_over
+
+    monkeypatch.setitem(registry.METHODS, "sparsex+omnikv", sparsex_over(OmniKVCache))
+    omni = dict(full_attn_layers=[0, 1], num_top_tokens=32, sink_size=2, recent_size=4)
+    d = parts["docs"]
+    segs = [parts["sys"], d[3], d[0]]
+    ref = LLM(tiny, method="omnikv", dtype="float32", kv_cache_bytes=POOL, **omni).generate(
+        parts["q"], _sp(), use_tqdm=False, segments=segs)
+    sx = LLM(tiny, method="sparsex+omnikv", dtype="float32", kv_cache_bytes=POOL, recompute_ratio=1.0, **omni)
+    _prime(sx, parts)
+    out = sx.generate(parts["q"], _sp(), use_tqdm=False, segments=segs)
+    assert sx.kv_stats()["sparsex_reused_tokens"] == 140
+    assert out["token_ids"] == ref["token_ids"] and _max_logit_diff(out, ref) < 1e-4
+    with pytest.raises(ValueError, match="full_attn_layers"):
+        LLM(tiny, method="sparsex+omnikv", dtype="float32", kv_cache_bytes=POOL, full_attn_layers=[1])
+
+
 def test_config_validation(tiny):
     with pytest.raises(ValueError, match="recompute_ratio"):
         LLM(tiny, method="sparsex", dtype="float32", kv_cache_bytes=POOL, recompute_ratio=1.5)

@@ -252,6 +252,7 @@ class SparseXCache(CacheMethod):
         seq.kv.tables[layer].append(cols)
 
     def observe(self, seq, layer, q, q_pos, view) -> None:
+        super().observe(seq, layer, q, q_pos, view)  # a composed method's own scoring (sparsex_over)
         plan = self._plan(seq)
         if plan is None or layer != self.config.full_recompute_layers - 1 or plan.compute is not None:
             return
@@ -314,4 +315,24 @@ class SparseXCache(CacheMethod):
             self.store.put(key, start, ctx_key, exact, [t.slots[:, start:end] for t in tables])
 
     def stats(self) -> dict:
-        return {**self.store.stats(), **self.totals}
+        return {**super().stats(), **self.store.stats(), **self.totals}
+
+
+def sparsex_over(base: type[CacheMethod]) -> type[CacheMethod]:
+    """SparseX prefill reuse composed with another method's decode: `base`'s view / observe /
+    eviction run as usual (SparseX's hooks call super()), knobs of both in one config.
+
+    Works with methods that read queries by position (`omnikv`, `streaming`, `vanilla`); methods
+    that index a prefill chunk's queries by row offset (`snapkv` / `adakv` / `pyramidkv` buffer
+    the prompt's last queries that way) would score the wrong rows when SparseX drops rows.
+    Register as `METHODS["sparsex+omnikv"] = sparsex_over(OmniKVCache)` to use it by name.
+    """
+
+    @dataclass
+    class Config(SparseXConfig, base.Config):
+        def validate(self, spec: ModelSpec) -> None:
+            SparseXConfig.validate(self, spec)
+            base.Config.validate(self, spec)
+
+    Config.__name__ = f"SparseX{base.Config.__name__}"
+    return type(f"SparseX{base.__name__}", (SparseXCache, base), {"name": f"sparsex+{base.name}", "Config": Config})
