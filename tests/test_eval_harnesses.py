@@ -20,17 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 QUIET = ["progress=false", "print_table=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine two threads stall each other on sync."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def hf():
     b = HFBackend(None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from sparse_engine.models.spec import ModelSpec
 
 POOL = 1 << 28  # 256 MiB KV pool: the CUDA default (85% of free memory) would starve later LLMs
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads stall on sync (gathers 50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
