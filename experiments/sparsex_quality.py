@@ -31,7 +31,6 @@ longer-context TTFT measurement (vanilla vs sparsex-15) after the quality table.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import random
 import statistics

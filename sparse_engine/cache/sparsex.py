@@ -203,8 +203,8 @@ class SparseXCache(CacheMethod):
 
     def rows_for_layer(self, ctx, layer: int):
         F = self.config.full_recompute_layers
-        if layer != 0 and layer != F:
-            return None
+        if (layer != 0 and layer != F) or not any("sx" in s.seq.kv.state for s in ctx.slices):
+            return None  # decode steps and requests without hits: nothing to drop
         parts, changed = [], False
         for s in ctx.slices:
             plan = s.seq.kv.state.get("sx")
@@ -229,7 +229,7 @@ class SparseXCache(CacheMethod):
         plan = self._plan(seq)
         if plan is None:
             return super().write(seq, layer, k, v, positions, k_pre)
-        pool, (n, hkv, d), P = self.pool, k.shape, plan.P
+        pool, (_, hkv, d), P = self.pool, k.shape, plan.P
         src = plan.src_slots(layer, hkv)
         cols = torch.empty(hkv, P, dtype=torch.long, device=pool.device)
         exact_idx = plan.exact.nonzero().squeeze(1)
