@@ -1,14 +1,14 @@
-"""Independent references built on HF transformers (eager attention) for engine tests."""
+"""Independent references built on HF transformers (its own SDPA attention) for engine tests."""
 
 from __future__ import annotations
 
 import torch
 
 
-def load_hf(path, dtype=torch.float32):
+def load_hf(path, dtype=torch.float32, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).eval()
 
 
 @torch.no_grad()
