@@ -17,14 +17,6 @@ SP = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 REF = ReferenceSpec(num_sinks=4, cluster_ratio=0.25, top_k=2)  # stride 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_compressor(latent: int | None = None, seed: int = 0, layers=(1, 2, 3), full=(0,), ref: ReferenceSpec = REF,
                     num_layers: int = 4, num_kv_heads: int = 2, head_dim: int = 16) -> DeltaKVCompressor:
     """latent=None: identity-like (latent width = joined width, down = orthogonal Q, up = Q^T);

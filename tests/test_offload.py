@@ -5,20 +5,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 from sparse_engine import LLM
 from sparse_engine.offload.latent_store import COLD, LatentCodec, TieredLatentStore
 from tests.test_deltakv_inference import COMMON, SP, prompts, tiny_compressor
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(path, **knobs):

@@ -12,14 +12,6 @@ from sparse_engine.layers.rotary import apply_rope, rope_cos_sin
 POOL = 1 << 25
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_model_factory):
     return tiny_model_factory("llama")
