@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from sparse_engine.kernels.decode_attention import decode_attention_ref
+from tests.triton_interpreter import assert_passes_interpreted
 
 triton = pytest.importorskip("triton", reason="triton not installed (pip install triton)")
 
@@ -46,9 +44,7 @@ def test_triton_kernel_interpreted_matches_reference():
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
         print("OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    assert_passes_interpreted(code)
 
 
 def test_engine_with_interpreted_kernel_equals_torch_path(tiny_model_factory):
@@ -62,6 +58,4 @@ def test_engine_with_interpreted_kernel_equals_torch_path(tiny_model_factory):
         assert [o["token_ids"] for o in a] == [o["token_ids"] for o in b], (a, b)
         print("OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    assert_passes_interpreted(code)

@@ -3,9 +3,6 @@ Triton kernels under TRITON_INTERPRET=1 (in a subprocess) against the references
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,6 +12,7 @@ from deltakv.reference import ReferenceSpec, select_references_from
 from sparse_engine.kernels.deltakv_kernels import (father_mean, gather_inverse_rope_ref, reconstruct_scatter_ref,
                                                    rope_half_tables, topk_fathers_ref)
 from sparse_engine.layers.rotary import apply_rope, rope_cos_sin
+from tests.triton_interpreter import assert_passes_interpreted
 
 
 def _case(seed=0, hkv=2, d=16, n=40, n_slots=200, n_proto=12, top_k=3):
@@ -101,9 +99,7 @@ def test_triton_kernels_interpreted_match_references():
             assert torch.equal(ft.sort(1).values, fr.sort(1).values), (ft, fr)
         print("OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    assert_passes_interpreted(code)
 
 
 def test_engine_deltakv_with_interpreted_kernels_equals_torch_path(tiny_model_factory):
@@ -124,6 +120,4 @@ def test_engine_deltakv_with_interpreted_kernels_equals_torch_path(tiny_model_fa
         assert [o["token_ids"] for o in oa] == [o["token_ids"] for o in ob], (oa, ob)
         print("OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    assert_passes_interpreted(code)
