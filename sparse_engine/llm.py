@@ -142,11 +142,16 @@ class LLM:
                 f"slots but the pool has {self.pool.num_slots}. Raise kv_cache_bytes (now "
                 f"{self.pool.num_slots * self.pool.bytes_per_slot} bytes) or lower max_tokens."
             )
-        seq = Sequence(ids, params, segments=seg_lens)
-        if not params.greedy:
-            seq.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else self.config.seed + seq.seq_id)
+        seq = self._new_sequence(ids, params, segments=seg_lens)
         self._seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
+        return seq
+
+    def _new_sequence(self, ids: list[int], params: SamplingParams, **kw) -> Sequence:
+        """A sequence with its own seeded generator when it samples (request seed, else engine seed + id)."""
+        seq = Sequence(ids, params, **kw)
+        if not params.greedy:
+            seq.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else self.config.seed + seq.seq_id)
         return seq
 
     def step(self) -> list[Sequence]:
@@ -299,9 +304,7 @@ class LLM:
         """Fork one sequence per turn from the held session and run them to completion together."""
         children = []
         for turn, p in zip(turns, params):
-            child = Sequence(session.token_ids + turn, p)
-            if not p.greedy:
-                child.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else self.config.seed + child.seq_id)
+            child = self._new_sequence(session.token_ids + turn, p)
             self.method.fork(session, child)
             child.num_computed = session.num_computed
             self.session_reused_tokens += session.num_computed
