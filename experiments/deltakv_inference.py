@@ -89,7 +89,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--deltakv_path", default="outputs/deltakv_smoke/compressor")
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--depths", default="0,25,50,75,100")
-    ap.add_argument("--num_top_tokens", type=int, default=256, help="deltakv / omnikv history tokens read")
+    ap.add_argument("--num_top_tokens", type=int, default=1024, help="deltakv / omnikv history tokens read")
     ap.add_argument("--recent_size", type=int, default=32)
     ap.add_argument("--dtypes", default="bf16,int8,int4")
     ap.add_argument("--max_tokens", type=int, default=12)
@@ -153,7 +153,7 @@ def main(argv=None) -> Path:
         f"Compressor `{a.deltakv_path}`: {ckpt_info['layers']} compressed layers, full layers "
         f"{ckpt_info['full_attn_layers']}, latent {ckpt_info['kv_compressed_size']} of {spec.kv_width}, "
         f"reference {ckpt_info['reference']}. deltakv / omnikv read the top {a.num_top_tokens} history tokens "
-        f"(selected by the last full layer) + sinks + the last {a.recent_size} tokens.", "",
+        f"(selected by the observation layers, the last of each run of full layers) + sinks + the last {a.recent_size} tokens.", "",
         f"KV bytes = bytes per sequence right after prefilling a {len(text_ids)}-token real-text prompt. "
         "`bf16 pool` = full-precision slots x 256 B + latent rows x row bytes (the paper's bf16 baseline); "
         "`measured` = what this float32 run holds (slots x 512 B + rows). Row bytes = latent + per-token bf16 scale "

@@ -320,7 +320,7 @@ def test_method_knobs_and_run_folder(tmp_path):
     if engine_import_error() is None:
         assert (name, knobs) == ("streaming", {"sink_size": 8, "budget": 64})
         name, knobs = method_and_knobs(compose(["method.name=omnikv", "kv_budget=32"]))
-        assert knobs["num_top_tokens"] == 32 and knobs["full_attn_layers"] == [0, 1, 2]  # from conf/model
+        assert knobs["num_top_tokens"] == 32 and knobs["full_attn_layers"] == [0, 1, 2, 8, 18]  # from conf/model
     out = resolve_output_dir(compose(["method.name=streaming", "+method.budget=64", "results_root=/r",
                                       "benchmark=niah", "query_mode=agnostic"]))
     assert str(out) == "/r/niah/engine-streaming-budget=64-agnostic"
