@@ -166,3 +166,19 @@ def test_bench_runs_on_cpu(tiny, tmp_path):
     by = {r["method"]: r for r in rows}
     assert by["deltakv"]["kv_bytes_per_seq"] < 0.7 * by["vanilla"]["kv_bytes_per_seq"]
     assert by["deltakv"]["decode_tok_s"] > 0
+
+
+def test_session_forks_share_latents_safely(tiny):
+    """generate_session forks the context's latent rows into every turn: children finishing at different
+    times must not free rows the session or a sibling still reads (identity compressor -> vanilla tokens)."""
+    g = torch.Generator().manual_seed(7)
+    ctx = [int(x) for x in torch.randint(3, 250, (120,), generator=g)]
+    turns = [[], [int(x) for x in torch.randint(3, 250, (5,), generator=g)], [9, 10, 11]]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 12, 20)]
+    llm = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(), latent_dtype="float32", recent_size=8,
+              num_top_tokens=4096, **COMMON)
+    got = llm.generate_session(ctx, turns, params, accumulate=False)
+    ref = LLM(tiny, **COMMON).generate([ctx + t for t in turns], params, use_tqdm=False)
+    assert _tokens(got) == _tokens(ref)
+    st = llm.kv_stats()
+    assert st["slots_used"] == 0 and st["latent_bytes_device"] == 0  # every row freed exactly once

@@ -203,6 +203,13 @@ class DeltaKVCache(CacheMethod):
         empty = torch.zeros(0, dtype=torch.long)
         seq.kv.state["lat"] = {l: (empty, empty) for l in self.sparse}  # layer -> (handles, positions)
 
+    def fork(self, src, dst) -> None:
+        """Sessions: the fork shares the source's latent rows by reference, like its pool slots."""
+        super().fork(src, dst)
+        for handles, _ in dst.kv.state.get("lat", {}).values():
+            self.store.incref(handles)
+        dst.kv.state.pop("sel", None)  # the source's last selection is not the child's
+
     def release(self, seq) -> None:
         if getattr(seq, "kv", None) is not None:
             for handles, _ in seq.kv.state.get("lat", {}).values():

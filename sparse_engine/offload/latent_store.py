@@ -193,8 +193,9 @@ class TieredLatentStore:
             os.close(fd)
             os.remove(path)
             self.disk = _RowArena(codec.row_bytes, "cpu", path=path)
-        # handle -> (tier, row index, last step read)
+        # handle -> (tier, row index, last step read, references: session forks share rows)
         self.tier = torch.zeros(0, dtype=torch.int8)
+        self.refs = torch.zeros(0, dtype=torch.int32)
         self.index = torch.zeros(0, dtype=torch.long)
         self.last = torch.zeros(0, dtype=torch.long)
         self._free_handles: list[int] = []
@@ -224,6 +225,7 @@ class TieredLatentStore:
             self.tier = torch.cat([self.tier, torch.zeros(grow, dtype=torch.int8)])
             self.index = torch.cat([self.index, torch.zeros(grow, dtype=torch.long)])
             self.last = torch.cat([self.last, torch.zeros(grow, dtype=torch.long)])
+            self.refs = torch.cat([self.refs, torch.zeros(grow, dtype=torch.int32)])
         return torch.tensor(reuse + fresh, dtype=torch.long)
 
     def put(self, latent: torch.Tensor, fathers: torch.Tensor) -> torch.Tensor:
@@ -236,12 +238,27 @@ class TieredLatentStore:
         self.tier[h] = self.mem_tier
         self.index[h] = idx
         self.last[h] = self.clock
+        self.refs[h] = 1
         return h
 
+    def incref(self, handles: torch.Tensor) -> None:
+        """One more owner of each row (a forked sequence); `free` returns a row with its last owner."""
+        if handles.numel():
+            with torch.inference_mode():  # the bookkeeping tensors are created under the engine's inference mode
+                self.refs.index_add_(0, handles.cpu(), torch.ones(handles.numel(), dtype=torch.int32))
+
     def free(self, handles: torch.Tensor) -> None:
+        """Drop one reference to each row; rows left without an owner go back to their arena."""
         if handles.numel() == 0:
             return
         handles = handles.cpu()
+        with torch.inference_mode():
+            self.refs.index_add_(0, handles, torch.full((handles.numel(),), -1, dtype=torch.int32))
+        if bool((self.refs[handles] < 0).any()):
+            raise RuntimeError("latent rows freed more often than they were referenced (a double free)")
+        handles = handles[self.refs[handles] == 0]
+        if handles.numel() == 0:
+            return
         t = self.tier[handles]
         mem = handles[t != COLD]
         self.mem.give(self.index[mem])
