@@ -182,3 +182,25 @@ def test_session_forks_share_latents_safely(tiny):
     assert _tokens(got) == _tokens(ref)
     st = llm.kv_stats()
     assert st["slots_used"] == 0 and st["latent_bytes_device"] == 0  # every row freed exactly once
+
+
+@pytest.mark.parametrize("block", [1, 5])
+def test_decode_compresses_in_blocks(tiny, block):
+    """During decode at most block-1 tokens past the recent window wait at full precision; the rest are latent."""
+    llm = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(latent=16), latent_dtype="int8", recent_size=8,
+              decode_compress_block=block, **COMMON)
+    seq = llm.add_request(prompts()[1], SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True))
+    waiting = set()
+    is_proto = lambda p: bool(REF.is_prototype(torch.tensor([p])).item())  # noqa: E731
+    while not seq.finished:
+        llm.step()
+        if seq.finished:
+            break
+        boundary = seq.num_computed - 8  # tokens before it have left the recent window
+        lat_pos = set(seq.kv.state["lat"][1][1].tolist())
+        full_pos = set(llm.pool.pos[seq.kv.tables[1].padded()[0][0]].tolist())
+        assert full_pos.isdisjoint(lat_pos) and full_pos | lat_pos == set(range(seq.num_computed))
+        pending = [p for p in range(REF.num_sinks, boundary) if not is_proto(p) and p not in lat_pos]
+        assert all(boundary - p < block for p in pending)  # only the last block-1 departed tokens wait
+        waiting.add(max((boundary - p for p in pending), default=0))
+    assert max(waiting) == block - 1  # it does wait (block 1: never) before compressing

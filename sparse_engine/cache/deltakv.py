@@ -58,6 +58,10 @@ class DeltaKVConfig(MethodConfig):
         sink_size: None = the checkpoint's `reference.num_sinks` (any other value is an error: the
             sinks are part of the reference definition the compressor was trained with).
         recent_size: most recent tokens kept at full precision and always read.
+        decode_compress_block: during decode, tokens that left the recent window are compressed once
+            this many are pending (one batched compression instead of one per step per layer: the
+            per-call overhead dominated CPU decode); up to block-1 extra tokens stay full precision.
+            Prefill chunks compress everything at once. 1 = compress every step.
         latent_dtype: float32 | bf16 | int8 | int4 (int8 / int4 with a per-token bf16 scale).
         deltakv_offload_latent: latent rows in host memory (pinned on CUDA) with prefetch.
         deltakv_prefetch: prefetch the next sparse layer's rows (with offload).
@@ -71,6 +75,7 @@ class DeltaKVConfig(MethodConfig):
     num_top_tokens_in_prefill: int | float | None = None
     sink_size: int | None = None
     recent_size: int = 32
+    decode_compress_block: int = 16
     latent_dtype: str = "bf16"
     deltakv_offload_latent: bool = False
     deltakv_prefetch: bool = True
@@ -94,6 +99,8 @@ class DeltaKVConfig(MethodConfig):
         _check_count("num_top_tokens_in_prefill", self.num_top_tokens_in_prefill)
         if self.recent_size < 0:
             raise ValueError(f"recent_size must be >= 0, got {self.recent_size}")
+        if isinstance(self.decode_compress_block, bool) or int(self.decode_compress_block) < 1:
+            raise ValueError(f"decode_compress_block must be a number of tokens >= 1, got {self.decode_compress_block!r}")
         if self.deltakv_cold_after is not None and (isinstance(self.deltakv_cold_after, bool)
                                                     or int(self.deltakv_cold_after) < 0):
             raise ValueError(f"deltakv_cold_after must be a number of steps >= 0 (or None), got {self.deltakv_cold_after!r}")
@@ -327,6 +334,10 @@ class DeltaKVCache(CacheMethod):
         boundary = seq.num_computed - self.config.recent_size
         if boundary <= self.sinks:
             return
+        done = seq.kv.state.get("compressed_upto", 0)
+        if num_new_tokens == 1 and boundary - done < self.config.decode_compress_block:
+            return  # decode: wait until a block of tokens has left the recent window
+        seq.kv.state["compressed_upto"] = boundary
         _, _, topk = self._kernels
         for layer in self.sparse:
             table = seq.kv.tables[layer]

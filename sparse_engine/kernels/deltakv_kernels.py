@@ -47,25 +47,29 @@ def gather_inverse_rope_ref(k_pool, v_pool, slots, cos, sin, scaling: float = 1.
 
 def father_mean(fathers: torch.Tensor, proto_kv: torch.Tensor) -> torch.Tensor:
     """Mean of the valid (>= 0) father rows of `proto_kv` [P, W] per token: [n, W] (zeros if none)."""
-    valid = fathers >= 0
-    rows = proto_kv.float()[fathers.clamp(min=0)] * valid[..., None]  # [n, K, W]
-    return rows.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+    # embedding_bag's mean skips padding_idx entries (and gives 0 for an empty bag): -1 -> a pad row.
+    # ~16x faster on CPU than gathering [n, K, W] and masking (1024 tokens x 4 fathers x 384).
+    p, w = proto_kv.shape
+    table = torch.cat([proto_kv.float(), proto_kv.new_zeros(1, w, dtype=torch.float32)])
+    return torch.nn.functional.embedding_bag(torch.where(fathers >= 0, fathers, p), table, mode="mean", padding_idx=p)
 
 
 def reconstruct_scatter_ref(delta, fathers, proto_kv, cos, sin, k_pool, v_pool, slots, scaling: float = 1.0) -> None:
     """kv_hat = delta [n, W] + father_mean; RoPE(K) at the tokens' positions; write pool rows slots [Hkv, n]."""
     hkv, n = slots.shape
-    kv = delta.float() + father_mean(fathers, proto_kv)
+    kv = father_mean(fathers, proto_kv).add_(delta.float())
     d = kv.shape[1] // (2 * hkv)
-    k = kv[:, : hkv * d].view(n, hkv, d)
-    v = kv[:, hkv * d :].view(n, hkv, d)
     h = d // 2
-    c, s = cos[:, None] * scaling, sin[:, None] * scaling
-    lo, hi = k[..., :h], k[..., h:]
-    k = torch.cat([lo * c - hi * s, hi * c + lo * s], dim=-1)
-    idx = slots.long()
-    k_pool[idx] = k.transpose(0, 1).to(k_pool.dtype)
-    v_pool[idx] = v.transpose(0, 1).to(v_pool.dtype)
+    k = kv[:, : hkv * d].view(n, hkv, 2, h).transpose(0, 1)  # [Hkv, n, (lo, hi), D/2]
+    v = kv[:, hkv * d :].view(n, hkv, d).transpose(0, 1)
+    c, s = (cos * scaling)[None], (sin * scaling)[None]
+    lo, hi = k[..., 0, :], k[..., 1, :]
+    k_rot = torch.empty(hkv, n, d, dtype=kv.dtype, device=kv.device)
+    torch.addcmul(lo * c, hi, s, value=-1, out=k_rot[..., :h])  # lo*cos - hi*sin
+    torch.addcmul(hi * c, lo, s, out=k_rot[..., h:])  # hi*cos + lo*sin
+    idx = slots.reshape(-1).long()
+    k_pool.index_copy_(0, idx, k_rot.reshape(-1, d).to(k_pool.dtype))
+    v_pool.index_copy_(0, idx, v.reshape(-1, d).to(v_pool.dtype))
 
 
 def topk_fathers_ref(kv, pos, proto_kv, proto_pos, top_k: int, metric: str = "l2") -> torch.Tensor:
