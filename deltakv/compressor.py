@@ -97,6 +97,9 @@ class CompressorConfig:
         linear_skip: MLP downs get an extra linear skip path (set by ``init=pca``).
         reference: the shared ``ReferenceSpec`` (sinks, prototype stride, metric, top-k, weighting).
         method: ``deltakv`` (trained) or ``pca`` (closed-form baseline); informational.
+        k_after_norm: K was tapped after the model's ``k_norm`` (qk-norm models such as Qwen3; see
+            ``deltakv.kv_tap``), i.e. the K the engine caches. The engine refuses a qk-norm checkpoint
+            without it (trained on K before the norm by an older version).
     """
 
     model_type: str
@@ -113,6 +116,7 @@ class CompressorConfig:
     linear_skip: bool = False
     reference: ReferenceSpec = field(default_factory=ReferenceSpec)
     method: str = "deltakv"
+    k_after_norm: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.reference, dict):

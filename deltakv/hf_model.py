@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+QK_NORM_MODEL_TYPES = ("qwen3",)  # RMSNorm on each head's K before RoPE (self_attn.k_norm)
 
 
 class UnsupportedModelError(ValueError):
@@ -32,6 +33,11 @@ class ModelDims:
     def kv_width(self) -> int:
         """Joined K+V width per token and layer: ``2 * num_kv_heads * head_dim``."""
         return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def qk_norm(self) -> bool:
+        """K has a per-head norm before RoPE: the tap (and the compressor) see K after it."""
+        return self.model_type in QK_NORM_MODEL_TYPES
 
 
 def model_dims(config) -> ModelDims:

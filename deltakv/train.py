@@ -57,6 +57,7 @@ def build_compressor_config(cfg: TrainConfig, model_config):
         head_dim=dims.head_dim, layers=sorted(int(i) for i in layers), full_attn_layers=full,
         kv_compressed_size=c.kv_compressed_size, down=c.down, up=c.up, down_hidden=down_hidden, bias=c.bias,
         linear_skip=c.init == "pca" and c.down != "linear", reference=c.reference, method=c.kind,
+        k_after_norm=dims.qk_norm,
     )
 
 

@@ -204,3 +204,41 @@ def test_decode_compresses_in_blocks(tiny, block):
         assert all(boundary - p < block for p in pending)  # only the last block-1 departed tokens wait
         waiting.add(max((boundary - p for p in pending), default=0))
     assert max(waiting) == block - 1  # it does wait (block 1: never) before compressing
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_training_tap_sees_the_k_the_engine_caches(tiny_model_factory, family):
+    """The K/V the trainer taps (deltakv.kv_tap) equal the engine's pool K/V with RoPE undone - also for
+    qk-norm models, where K is taken after k_norm - so a trained compressor is served on its own inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from deltakv.kv_tap import capture_kv
+    from sparse_engine.kernels.deltakv_kernels import gather_inverse_rope_ref, rope_half_tables
+
+    path = tiny_model_factory(family)
+    ids = prompts()[1][:40]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tapped = capture_kv(model, torch.tensor([ids]), layers=[2])[2][0]
+    llm = LLM(str(path), **COMMON)
+    seq = llm.add_request(ids, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    while seq.num_computed < seq.num_prompt_tokens:
+        llm.step()
+    slots = seq.kv.tables[2].padded()[0]
+    pos = llm.pool.pos[slots[0]]
+    cos, sin = rope_half_tables(llm.spec.inv_freq, pos)
+    served = gather_inverse_rope_ref(llm.pool.k, llm.pool.v, slots, cos, sin, float(llm.spec.rope_attention_scaling))
+    torch.testing.assert_close(served, tapped[pos], atol=1e-4, rtol=1e-4)
+
+
+def test_qk_norm_model_served_and_old_checkpoints_refused(tiny_model_factory):
+    path = str(tiny_model_factory("qwen3"))
+    comp = tiny_compressor()
+    comp.config.model_type = "qwen3"
+    with pytest.raises(ValueError, match="before the model's k_norm.*retrain"):
+        LLM(path, method="deltakv", deltakv_path=comp, **COMMON)
+    comp.config.k_after_norm = True
+    llm = LLM(path, method="deltakv", deltakv_path=comp, latent_dtype="float32", recent_size=8, num_top_tokens=4096,
+              **COMMON)
+    out = llm.generate(prompts(), SP, use_tqdm=False)
+    assert _tokens(out) == _tokens(LLM(path, **COMMON).generate(prompts(), SP, use_tqdm=False))
+    assert llm.kv_stats()["compressed_tokens"] > 100

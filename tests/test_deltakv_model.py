@@ -131,6 +131,13 @@ def test_tap_captures_and_replaces_pre_rope_kv(tmp_path, model_type):
     a = model.model.layers[1].self_attn
     x = model.model.layers[1].input_layernorm
     assert kv[1].shape == (1, 9, 2 * 2 * 8)
+    # independent reference for the K half: k_proj of the layer's normed input, then k_norm where the model has one
+    h = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    k_ref = a.k_proj(x(h)).view(1, 9, 2, 8)
+    if model_type == "qwen3":
+        k_ref = a.k_norm(k_ref)
+    torch.testing.assert_close(kv[1][..., :16], k_ref.flatten(-2))
+    torch.testing.assert_close(kv[1][..., 16:], a.v_proj(x(h)))
     # K half really is k_proj's output: replacing K/V by what was captured changes nothing
     tap = KVTap(model, [0, 1], lambda layer, t: t.clone())
     torch.testing.assert_close(model(input_ids=ids).logits, base)

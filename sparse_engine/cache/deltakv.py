@@ -104,9 +104,6 @@ class DeltaKVConfig(MethodConfig):
         if self.deltakv_cold_after is not None and (isinstance(self.deltakv_cold_after, bool)
                                                     or int(self.deltakv_cold_after) < 0):
             raise ValueError(f"deltakv_cold_after must be a number of steps >= 0 (or None), got {self.deltakv_cold_after!r}")
-        if spec.qk_norm:
-            raise ValueError("deltakv does not serve qk-norm models (Qwen3) yet: the compressor is trained on K "
-                             "before k_norm, the engine caches K after it")
 
 
 def load_for_engine(path_or_compressor, spec: ModelSpec, device):
@@ -144,6 +141,9 @@ class DeltaKVCache(CacheMethod):
         super().__init__(config, spec, pool, sliding_window)
         cfg = self.config
         self.compressor = load_for_engine(cfg.deltakv_path, spec, pool.device)
+        if spec.qk_norm and not self.compressor.config.k_after_norm:
+            raise ValueError("this compressor was trained on K before the model's k_norm (a deltakv-train older than "
+                             "qk-norm support), but the engine caches K after it: retrain it with this version")
         ref = self.ref = self.compressor.reference
         if ref.kind not in ("cluster_e2e", "none"):
             raise ValueError(f"deltakv serves reference.kind cluster_e2e or none; this checkpoint uses {ref.kind!r} "
