@@ -81,9 +81,11 @@ def main() -> None:
         print(table({name: results[name]}).splitlines()[-1], flush=True)
     results_json.write_text(json.dumps(results, indent=2, default=str))
     md = ["# DeltaKV training ablations (SmolLM2-135M, shipped news text, CPU)", "",
-          "Latent 128 of the joined KV width 384 (1/3); layers 0-2 full, 27 compressed; 16 sinks + every 10th "
-          "token exact; 512-token sequences; held-out perplexity over the validation split (articles never "
-          "trained on). Produced by `python experiments/train_ablations.py`; commands:", ""]
+          "The current smoke config (`conf/experiment/smoke.yaml`): latent 128 of the joined KV width 384 (1/3); "
+          "layers 0, 1, 2, 8, 18 full, 25 compressed; 16 sinks + every 32nd token exact; 512-token sequences; "
+          "held-out perplexity over the validation split (articles never trained on). The same table for the "
+          "earlier config (layers 0-2 full, every 10th token exact) is `train_ablations_stride10.md`. "
+          "Produced by `python experiments/train_ablations.py`; commands:", ""]
     md += [f"- `{name}`: `{m['command']}`" for name, m in results.items()]
     md += ["", table(results), ""]
     Path(args.results).with_suffix(".md").write_text("\n".join(md))
