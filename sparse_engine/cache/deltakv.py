@@ -6,7 +6,8 @@ Storage per sequence and layer:
 * every other layer (it must have a compressor pair) keeps at full precision only the SINKS, the
   PROTOTYPES ("centers": every `stride`-th token, the ONE definition of `deltakv.reference`, read from
   the checkpoint so training and serving cannot drift apart) and the RECENT window; after each
-  prefill chunk and each decode step, tokens that left the recent window are compressed:
+  prefill chunk, and during decode once `decode_compress_block` of them are pending, tokens that
+  left the recent window are compressed:
   `kv = cat(k_pre, v)` (pre-RoPE, joined over KV heads; K is recovered from the pool by inverse
   RoPE), fathers = the `top_k` nearest causal prototypes (blockwise L2 top-k), reference = their
   mean, `latent = down(kv) - down(ref)`; the latent (float32 / bf16 / int8 / int4 with a per-token
