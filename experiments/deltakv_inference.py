@@ -149,7 +149,7 @@ def main(argv=None) -> Path:
         f"python -m experiments.deltakv_inference --deltakv_path {a.deltakv_path} --length {a.length} "
         f"--depths {a.depths} --num_top_tokens {a.num_top_tokens} --dtypes {a.dtypes}", "```", "",
         f"Model: shipped SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64), float32 engine on CPU "
-        f"({platform.machine()}, {torch.get_num_threads()} torch thread, shared loaded machine: times are indicative). "
+        f"({platform.machine()}, {torch.get_num_threads()} torch thread(s), shared loaded machine: times are indicative). "
         f"Compressor `{a.deltakv_path}`: {ckpt_info['layers']} compressed layers, full layers "
         f"{ckpt_info['full_attn_layers']}, latent {ckpt_info['kv_compressed_size']} of {spec.kv_width}, "
         f"reference {ckpt_info['reference']}. deltakv / omnikv read the top {a.num_top_tokens} history tokens "
