@@ -146,8 +146,8 @@ def main(argv=None) -> Path:
     lines = [
         "# DeltaKV inference: KV bytes at a 4K prompt, NIAH and greedy output vs vanilla / snapkv / omnikv", "",
         "Regenerate with:", "", "```bash",
-        f"python -m experiments.deltakv_inference --deltakv_path {a.deltakv_path} --length {a.length} "
-        f"--depths {a.depths} --num_top_tokens {a.num_top_tokens} --dtypes {a.dtypes}", "```", "",
+        # every parsed option, so the command rebuilds this file (and not the default --out) as it was run
+        "python -m experiments.deltakv_inference " + " ".join(f"--{k} {v}" for k, v in vars(a).items()), "```", "",
         f"Model: shipped SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64), float32 engine on CPU "
         f"({platform.machine()}, {torch.get_num_threads()} torch thread(s), shared loaded machine: times are indicative). "
         f"Compressor `{a.deltakv_path}`: {ckpt_info['layers']} compressed layers, full layers "
