@@ -135,7 +135,7 @@ class HFBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sparse_engine.shipped import resolve_model_path
+        from data_prepare.resources import resolve_model_path
 
         self.model_path = str(resolve_model_path(model))
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -328,7 +328,7 @@ class EngineBackend(Backend):
             return self.engine_kwargs["max_model_len"]
         from transformers import AutoConfig
 
-        from sparse_engine.shipped import resolve_model_path
+        from data_prepare.resources import resolve_model_path
 
         cfg = AutoConfig.from_pretrained(resolve_model_path(self.model_ref))
         return getattr(cfg, "max_position_embeddings", 4096)

@@ -41,7 +41,7 @@ def packed_path(cfg: PackConfig, digest: str) -> Path:
     if cfg.cache_dir:
         root = Path(cfg.cache_dir).expanduser()
     else:
-        from sparse_engine.shipped import cache_dir
+        from data_prepare.resources import cache_dir
 
         root = cache_dir() / "packed"
     return root / f"{cfg.name}-{digest[:16]}"
@@ -130,7 +130,7 @@ def main() -> None:
     def _run(cfg) -> None:
         from transformers import AutoTokenizer
 
-        from sparse_engine.shipped import resolve_model_path
+        from data_prepare.resources import resolve_model_path
 
         pack_cfg = PackConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))

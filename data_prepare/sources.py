@@ -79,7 +79,7 @@ def _hf_disk_docs(src: SourceConfig) -> Iterator[str]:
 def read_documents(src: SourceConfig) -> Iterator[str]:
     """Yield the non-empty documents of one source, in a deterministic order."""
     if src.type == "shipped_news":
-        from sparse_engine.shipped import shipped_articles
+        from data_prepare.resources import shipped_articles
 
         yield from shipped_articles()
     elif src.type == "text":

@@ -2,7 +2,7 @@
 
 Supported: the Llama family of decoders whose attention has separate ``k_proj`` / ``v_proj``
 (``llama``, ``qwen2``, ``qwen3``, ``mistral``). Nothing is downloaded: the model is a local folder
-(or the shipped ``smollm2-135m``, see ``sparse_engine.shipped``).
+(or the shipped ``smollm2-135m``, see ``data_prepare.resources``).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def load_frozen_lm(path: str | Path | None, dtype: str = "auto", attn_implementa
     """Load ``(model, tokenizer)`` from a local folder (or the shipped model), all params frozen."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from sparse_engine.shipped import resolve_model_path
+    from data_prepare.resources import resolve_model_path
 
     folder = resolve_model_path(path)
     config = AutoConfig.from_pretrained(folder)

@@ -3,8 +3,8 @@
 DeltaKV stores a token's joined KV vector (``cat([k_proj(x), v_proj(x)], -1)``, before RoPE) as a
 latent residual against a *reference* built from earlier tokens that are kept at full precision.
 Everything about which tokens are kept and how a reference is formed lives here, so that the
-trainer (``deltakv.model``) and the inference engine (``sparse_engine``) cannot drift apart (the
-reference implementation trained with one sink count / stride and served with another).
+trainer (``deltakv.model``) and the inference engine (its ``deltakv`` cache method) cannot drift
+apart (the reference implementation trained with one sink count / stride and served with another).
 
 Positions are absolute token positions in the sequence (0-based).
 
@@ -118,8 +118,10 @@ def prototype_positions(spec: ReferenceSpec, seq_len: int, offset: int = 0, devi
     return pos[spec.is_prototype(pos)]
 
 
-def _scores(spec: ReferenceSpec, kv: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
-    """Similarity ``[..., T, P]`` of each token to each prototype (higher = closer)."""
+def prototype_scores(spec: ReferenceSpec, kv: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
+    """Similarity ``[..., T, P]`` of each token ``kv [..., T, D]`` to each prototype ``proto [..., P, D]``
+    under ``spec.metric`` (higher = closer; no causal mask). Shared by the trainer's references and
+    the engine's choice of fathers for a compressed token (its DeltaKV kernels)."""
     if spec.metric == "dot":
         return kv @ proto.transpose(-1, -2)
     if spec.metric == "cosine":
@@ -156,7 +158,7 @@ def select_references_from(
     kv32, proto32 = kv.float(), proto_kv.float()
     if proto32.shape[-2] == 0:
         return torch.zeros_like(kv)
-    scores = _scores(spec, kv32, proto32)  # [..., T, P]
+    scores = prototype_scores(spec, kv32, proto32)  # [..., T, P]
     causal = proto_positions.view(1, -1) < positions.view(-1, 1)  # [T, P]
     scores = scores.masked_fill(~causal, float("-inf"))
     k = min(spec.top_k, proto32.shape[-2])

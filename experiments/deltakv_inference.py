@@ -34,7 +34,7 @@ BF16_SLOT = 2 * 64 * 2  # bytes of one (token, KV head, layer) slot in a bf16 po
 
 
 def real_text(tokenizer, length: int) -> list[int]:
-    from sparse_engine.shipped import shipped_articles
+    from data_prepare.resources import shipped_articles
 
     ids = tokenizer.encode("\n\n".join(shipped_articles()[:120]))
     return ids[:length]

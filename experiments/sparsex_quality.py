@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results/sparsex_quality.md")
     args = ap.parse_args()
 
-    from sparse_engine.shipped import resolve_model_path, shipped_articles
+    from data_prepare.resources import resolve_model_path, shipped_articles
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)

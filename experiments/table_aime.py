@@ -6,20 +6,18 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import fire
 
-from benchmark.eval_runner import ALL_METHODS, list_arg as _list, run_table
+from benchmark.eval_runner import TABLE_METHODS, list_arg as _list, run_table
 
 
 def main(data_path: str | None = None, fixtures: bool = False, n_samples: int = 4, max_tokens: int = 32768,
-         kv_budget: int = 2048, methods: str = ",".join(ALL_METHODS), limit: int | None = None,
+         kv_budget: int = 2048, methods: str = ",".join(TABLE_METHODS), limit: int | None = None,
          model: str | None = None, results_root: str = "runs/eval_tables", out: str = "experiments/results/eval_aime.md"):
     if fixtures:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from fixtures_eval import write_aime
+        from benchmark.fixtures import write_aime
 
         data_path = str(write_aime(Path(results_root) / "aime_fixture_data" / "aime.jsonl"))
         max_tokens = min(max_tokens, 48)

@@ -11,19 +11,18 @@ official templates and metrics included, runs for every method).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import fire
 
-from benchmark.eval_runner import ALL_METHODS, compose, list_arg as _list, run_table
+from benchmark.eval_runner import TABLE_METHODS, compose, list_arg as _list, run_table
 
 
 def _mean_prompt_tokens(overrides: list[str]) -> float:
     from transformers import AutoTokenizer
 
     from benchmark.longbench import build_requests
-    from sparse_engine.shipped import resolve_model_path
+    from data_prepare.resources import resolve_model_path
 
     cfg = compose(["benchmark=longbench", *overrides])
     model = cfg.model.get("path") if cfg.get("model") else None
@@ -33,13 +32,12 @@ def _mean_prompt_tokens(overrides: list[str]) -> float:
 
 
 def main(data_dir: str | None = None, fixtures: bool = False, tasks: str = "all", limit: int | None = None,
-         kv_ratio: float = 0.29, min_budget: int = 40, methods: str = ",".join(ALL_METHODS), gen_cap: int | None = None,
+         kv_ratio: float = 0.29, min_budget: int = 40, methods: str = ",".join(TABLE_METHODS), gen_cap: int | None = None,
          model: str | None = None, results_root: str = "runs/eval_tables",
          out: str = "experiments/results/eval_longbench.md"):
     tasks = tasks if tasks in (None, "all") else ",".join(_list(tasks))
     if fixtures:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from fixtures_eval import write_longbench
+        from benchmark.fixtures import write_longbench
 
         data_dir = str(write_longbench(Path(results_root) / "longbench_fixture_data"))
         tasks = "hotpotqa,trec,lcc" if tasks == "all" else tasks
@@ -60,7 +58,7 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str = "all"
            + (f" --gen_cap {gen_cap}" if gen_cap else "") + (f" --model {model}" if model else ""))
     notes = (f"kv_budget = max({min_budget}, {kv_ratio} x mean prompt length ({mean_len:.0f} tokens)) = {budget} "
              "(the floor keeps SnapKV's sink + observation window inside the budget). "
-             + ("Fixture data (tiny official-format samples written by tests/fixtures_eval): a pipeline check, "
+             + ("Fixture data (tiny official-format samples written by benchmark/fixtures.py): a pipeline check, "
                 "not LongBench numbers." if fixtures else "Official LongBench v1 data."))
     run_table("longbench", ov, methods=_list(methods), kv_budget=budget, results_root=results_root, out_md=out,
               title=f"LongBench by method at ~{round(100 * kv_ratio)}% KV", command=cmd, notes=notes)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import fire
 
-from benchmark.eval_runner import ALL_METHODS, list_arg as _list, run_table
+from benchmark.eval_runner import TABLE_METHODS, list_arg as _list, run_table
 
 
 def main(lengths: str = "256,512,1024", depths: str = "0,25,50,75,100", kv_budget: int = 128,
-         methods: str = ",".join(ALL_METHODS), model: str | None = None, results_root: str = "runs/eval_tables",
+         methods: str = ",".join(TABLE_METHODS), model: str | None = None, results_root: str = "runs/eval_tables",
          out: str = "experiments/results/eval_niah.md"):
     lengths = _list(lengths, int)
     depths = _list(depths, int)

@@ -6,22 +6,20 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import fire
 
-from benchmark.eval_runner import ALL_METHODS, list_arg as _list, run_table
+from benchmark.eval_runner import TABLE_METHODS, list_arg as _list, run_table
 
 
 def main(data_dir: str | None = None, fixtures: bool = False, tasks: str | None = None, mode: str = "multi_turn",
-         kv_budget: int = 64, methods: str = ",".join(ALL_METHODS), limit: int | None = None,
+         kv_budget: int = 64, methods: str = ",".join(TABLE_METHODS), limit: int | None = None,
          gen_cap: int | None = None, max_turns: int | None = None, model: str | None = None,
          results_root: str = "runs/eval_tables", out: str | None = None):
     tasks = ",".join(_list(tasks)) if tasks else tasks
     if fixtures:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from fixtures_eval import write_scbench
+        from benchmark.fixtures import write_scbench
 
         data_dir = str(write_scbench(Path(results_root) / "scbench_fixture_data"))
         tasks = tasks or "scbench_kv,scbench_qa_eng,scbench_choice_eng"

@@ -15,14 +15,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def shipped_model_path():
-    from sparse_engine.shipped import shipped_model_dir
+    from data_prepare.resources import shipped_model_dir
 
     return shipped_model_dir()
 
 
 @pytest.fixture(scope="session")
 def articles():
-    from sparse_engine.shipped import shipped_articles
+    from data_prepare.resources import shipped_articles
 
     return shipped_articles()
 

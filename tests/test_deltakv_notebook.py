@@ -12,7 +12,7 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "kv_similarity
 def test_kv_similarity_notebook_runs():
     pytest.importorskip("ipykernel")
     try:
-        from sparse_engine.shipped import shipped_model_dir, shipped_text_path
+        from data_prepare.resources import shipped_model_dir, shipped_text_path
 
         shipped_model_dir(), shipped_text_path()
     except FileNotFoundError as e:

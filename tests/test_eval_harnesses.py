@@ -14,7 +14,7 @@ import pytest
 
 from benchmark.backends import Backend, GenParams, HFBackend, engine_import_error, middle_truncate_ids
 from benchmark.eval_runner import PredictionStore, comparison_table, compose, run_eval
-from fixtures_eval import write_aime, write_longbench, write_scbench
+from benchmark.fixtures import write_aime, write_longbench, write_scbench
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["progress=false", "print_table=false"]
@@ -309,6 +309,16 @@ def test_engine_backend_matches_hf_on_niah(tmp_path, hf):
     assert e_pred == h_pred  # greedy vanilla engine == HF generate
     assert s["result"]["average"] == h["result"]["average"]
     assert "engine-vanilla-aware" in (root / "comparison.md").read_text()
+
+
+@pytest.mark.skipif(engine_import_error() is not None,
+                    reason=f"sparse_engine does not import yet: {engine_import_error()}")
+def test_all_methods_is_the_engine_registry():
+    from benchmark.eval_runner import ALL_METHODS, TABLE_METHODS
+    from sparse_engine.cache.registry import METHODS
+
+    assert ALL_METHODS[0] == "vanilla" and sorted(ALL_METHODS) == sorted(METHODS)
+    assert set(TABLE_METHODS) <= set(ALL_METHODS)  # the tables' default only names registered methods
 
 
 # ------------------------------------------------------------------------------------------ config plumbing

@@ -31,7 +31,7 @@ KEYS = ("amber-lighthouse", "quiet-harbor", "silver-orchard", "crimson-falcon", 
 
 
 def check_data(bcfg) -> None:
-    from sparse_engine.shipped import shipped_text_path
+    from data_prepare.resources import shipped_text_path
 
     shipped_text_path()  # raises with the pip command when gensim's corpus is missing
     for L in bcfg.context_lengths:
@@ -44,7 +44,7 @@ def check_data(bcfg) -> None:
 
 @lru_cache(maxsize=4)
 def _haystack_tokens(tokenizer_id: int, tokenizer) -> tuple[list[int], list[int]]:
-    from sparse_engine.shipped import shipped_articles
+    from data_prepare.resources import shipped_articles
 
     arts = shipped_articles()
     ids, starts = [], []

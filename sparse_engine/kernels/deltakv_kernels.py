@@ -75,12 +75,12 @@ def reconstruct_scatter_ref(delta, fathers, proto_kv, cos, sin, k_pool, v_pool, 
 def topk_fathers_ref(kv, pos, proto_kv, proto_pos, top_k: int, metric: str = "l2") -> torch.Tensor:
     """Indices [n, top_k] into the prototypes of the `top_k` most similar ones at strictly earlier
     positions (the `deltakv.reference` scores), -1 where fewer are eligible."""
-    from deltakv.reference import ReferenceSpec, _scores
+    from deltakv.reference import ReferenceSpec, prototype_scores
 
     n = kv.shape[0]
     if proto_kv.shape[0] == 0 or n == 0:
         return torch.full((n, top_k), -1, dtype=torch.long, device=kv.device)
-    scores = _scores(ReferenceSpec(metric=metric), kv.float(), proto_kv.float())
+    scores = prototype_scores(ReferenceSpec(metric=metric), kv.float(), proto_kv.float())
     scores = scores.masked_fill(~(proto_pos.view(1, -1) < pos.view(-1, 1)), float("-inf"))
     k = min(top_k, proto_kv.shape[0])
     top, idx = scores.topk(k, dim=-1)

@@ -1,7 +1,8 @@
 """Writers of tiny evaluation fixtures in the official file formats (LongBench, SCBench, AIME).
 
-Tests call these to write into tmp dirs; no dataset is committed. Contexts are a few sentences so
-that the end-to-end tests stay fast on 2 CPU cores."""
+The tests write them into tmp dirs and ``experiments/table_* --fixtures`` into runs/ (a pipeline
+check, not benchmark numbers); no dataset is committed. Contexts are a few sentences so that the
+end-to-end tests stay fast on 2 CPU cores."""
 
 from __future__ import annotations
 
