@@ -154,6 +154,7 @@ class LLM:
             seq.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else self.config.seed + seq.seq_id)
         return seq
 
+    @torch.inference_mode()  # tables and pool are touched only under inference mode (no autograd state)
     def step(self) -> list[Sequence]:
         """Run one scheduler step; return the sequences that finished in it."""
         batch = self.scheduler.schedule()

@@ -1,10 +1,18 @@
 """The cache-method interface: the engine's one extension point.
 
-A method decides, per sequence and layer, where new K/V go (`write`), which slots attention reads
-(`view`), what it learns from a step's queries (`observe`), what to evict or compress after a step
-(`after_step`), and how many slots a step will need (`slots_needed`, used by the scheduler). The base
-class is "vanilla": keep everything. A new method is one file overriding a few of these plus one line
-in `registry.py`.
+A method works on the WHOLE BATCH of a step (`engine.step_plan.StepPlan`):
+
+* `begin_step(plan)` (host, once per step): allocate the slots every new token is written to in every
+  layer (`plan.write_slots`) and build each row group's read tables (`RowGroup.table / lens`);
+* per layer, `forward_layer` runs one K/V write for the batch (`write_layer`) and one attention call
+  per row group (decode rows, prefill chunks) over `layer_view(plan, layer, group)` - a method may
+  narrow the table or add reconstructed slots there, as tensors - then `observe_layer` (scoring);
+* `after_step(seq, ...)` (host, once per step and sequence): evict / compress, free slots for real.
+
+The base class is "vanilla": keep everything. A new method is one file overriding a few of these plus
+one line in `registry.py`. Methods not yet ported to the batch hooks keep the per-sequence hooks
+(`write` / `view` / `observe` / `attend`) and return False from `batched(plan)`: the engine then runs
+those steps sequence by sequence (slower, same results).
 """
 
 from __future__ import annotations
@@ -15,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers.attention_ops import attend_slots
+from ..layers.attention_ops import attend_group, attend_slots
 from ..models.spec import ModelSpec
 from .pool import KVPool
-from .slot_table import SlotTable
+from .slot_table import SequenceKV
 
 
 @dataclass
@@ -44,12 +52,15 @@ class View:
     prefix_lens: torch.Tensor | None = None
 
 
-class SequenceKV:
-    """A sequence's KV bookkeeping: one SlotTable per layer plus method-private state."""
+@dataclass
+class BatchView:
+    """What one layer of one row group attends over: table [G, Hkv, T] slot ids, lens [G, Hkv]
+    (device) valid entries per head (a prefix of each row). `scratch` slots (e.g. reconstructed
+    DeltaKV tokens) are freed once attention has used them."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, capacity: int, device="cpu"):
-        self.tables = [SlotTable(num_kv_heads, capacity, device) for _ in range(num_layers)]
-        self.state: dict = {}
+    table: torch.Tensor
+    lens: torch.Tensor
+    scratch: torch.Tensor | None = None
 
 
 class CacheMethod:
@@ -82,18 +93,15 @@ class CacheMethod:
         """Give `dst` the KV of `src` (sessions, prefix reuse): tables are copied, slots shared with
         a reference each, method state deep-copied. A method that writes slots in place must copy
         a slot whose refcount is > 1 before writing it (copy-on-write)."""
-        dst.kv = SequenceKV.__new__(SequenceKV)
-        dst.kv.tables = [t.clone() for t in src.kv.tables]
+        dst.kv = src.kv.clone()
         dst.kv.state = copy.deepcopy(src.kv.state)
-        for t in src.kv.tables:
-            self.pool.incref(t.all_slots())
+        self.pool.incref(src.kv.all_slots())
 
     def release(self, seq) -> None:
         """Return every slot the sequence holds to the pool (finish or preemption)."""
         if getattr(seq, "kv", None) is None:
             return
-        for table in seq.kv.tables:
-            self.pool.free(table.all_slots())
+        self.pool.free(seq.kv.all_slots())
         seq.kv = None
 
     # ------------------------------------------------------------------ scheduling
@@ -110,7 +118,73 @@ class CacheMethod:
         """Peak slots one sequence of `num_tokens` can hold (admission check against the pool)."""
         return self.slots_needed(None, num_tokens)
 
-    # ------------------------------------------------------------------ per layer
+    # ------------------------------------------------------------------ batch hooks (the hot path)
+    def batched(self, plan) -> bool:
+        """True: this step runs on the batch hooks below. Methods still on the per-sequence hooks
+        return False (the engine then loops over sequences in each layer)."""
+        return True
+
+    def begin_step(self, plan) -> None:
+        """Once per step, on the host: allocate every layer's slots for the step's new tokens (one
+        pool call), append them to each sequence's tables, build each group's read tables."""
+        self.allocate_step(plan)
+        self.build_tables(plan)
+
+    def allocate_step(self, plan) -> None:
+        L, H, N = self.spec.num_layers, self.spec.num_kv_heads, plan.num_rows
+        slots = self.pool.allocate(L * N * H).view(L, N, H)
+        self.pool.pos.index_copy_(0, slots.reshape(-1), plan.positions[None, :, None].expand(L, N, H).reshape(-1))
+        plan.write_slots = slots.reshape(L, N * H)
+        cu = plan.cu
+        for b, seq in enumerate(plan.seqs):
+            seq.kv.append_all(slots[:, cu[b] : cu[b + 1], :].transpose(1, 2))
+
+    def build_tables(self, plan) -> None:
+        """Each group's read table [G, L, Hkv, T] (T = longest table of the group) and lengths."""
+        for g in plan.groups:
+            kvs = [plan.seqs[b].kv for b in g.bidx]
+            t = max(kv.max_len() for kv in kvs)
+            for kv in kvs:
+                kv.grow(t)
+            g.table = torch.stack([kv.slots[:, :, :t] for kv in kvs]) if len(kvs) > 1 else kvs[0].slots[None, :, :, :t]
+            g.lens_host = torch.stack([kv.lens for kv in kvs])
+            g.lens = g.lens_host.to(self.pool.device)
+
+    def write_layer(self, plan, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None) -> None:
+        """One scatter per layer: the batch's new K (after RoPE) and V [N, Hkv, D] into their slots."""
+        idx, d = plan.write_slots[layer], self.spec.head_dim
+        self.pool.k.index_copy_(0, idx, k.reshape(-1, d).to(self.pool.dtype))
+        self.pool.v.index_copy_(0, idx, v.reshape(-1, d).to(self.pool.dtype))
+
+    def layer_view(self, plan, layer: int, group) -> BatchView:
+        """The read table of `layer` for `group` (default: everything the sequences hold)."""
+        return BatchView(group.table[:, layer], group.lens[:, layer])
+
+    def observe_layer(self, plan, layer: int, group, q: torch.Tensor, view: BatchView, kv) -> None:
+        """After a group's attention: q [N, Hq, D] (the step's flat queries), `kv` = (k [G, Hkv, T, D],
+        kpos, valid) as gathered for attention (None when a kernel read the pool directly)."""
+
+    def forward_layer(self, plan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_pre: torch.Tensor | None) -> torch.Tensor:
+        """One layer's KV write and attention for the whole step. q [N, Hq, D] -> [N, Hq, D]."""
+        self.write_layer(plan, layer, k, v, k_pre)
+        if len(plan.groups) == 1 and plan.groups[0].flat_rows is None:
+            return self._attend(plan, layer, plan.groups[0], q)
+        out = torch.empty_like(q)
+        for group in plan.groups:  # at most two: the decode rows and the prefill chunks
+            out.index_copy_(0, group.flat_rows, self._attend(plan, layer, group, q))
+        return out
+
+    def _attend(self, plan, layer, group, q):
+        view = self.layer_view(plan, layer, group)
+        out, kv = attend_group(q, group, view.table, view.lens, self.pool, self.scale, self.sliding_window,
+                               self.decode_kernel)
+        self.observe_layer(plan, layer, group, q, view, kv)
+        if view.scratch is not None:
+            self.pool.free(view.scratch)
+        return out
+
+    # ------------------------------------------------------------------ per-sequence hooks (legacy path)
     def rows_for_layer(self, ctx, layer: int) -> torch.Tensor | None:
         """Before layer `layer`: sorted indices of the batch rows that go on through this and later
         layers (rows dropped here are not computed any further; their K/V for the remaining layers
@@ -179,4 +253,4 @@ class CacheMethod:
         """Bytes of KV this sequence holds in the pool."""
         if getattr(seq, "kv", None) is None:
             return 0
-        return sum(t.total() for t in seq.kv.tables) * self.pool.bytes_per_slot
+        return seq.kv.total() * self.pool.bytes_per_slot

@@ -179,6 +179,9 @@ class DeltaKVCache(CacheMethod):
         self.rope_scaling = float(spec.rope_attention_scaling)
         self.counters = {"compressed_tokens": 0, "reconstructed_tokens": 0}
 
+    def batched(self, plan) -> bool:
+        return False  # per-sequence reconstruction; batched in issue 14
+
     # ------------------------------------------------------------------ helpers
     @property
     def _kernels(self):

@@ -92,6 +92,9 @@ class OmniKVCache(CacheMethod):
         self.source = {l: max(f for f in full if f < l) for l in range(spec.num_layers) if l not in self.full}
         self.observers = set(self.source.values())
 
+    def batched(self, plan) -> bool:
+        return False
+
     def _budget(self, seq, q_pos):
         """The top-k knob for this step: decode, or a prefill chunk (None: full attention)."""
         decode = seq.num_computed >= seq.num_prompt_tokens  # host-side: no device sync per layer

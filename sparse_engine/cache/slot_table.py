@@ -1,26 +1,42 @@
-"""`SlotTable`: for one (sequence, layer), the pool slots each KV head reads, in position order."""
+"""Slot tables: which pool slots each (sequence, layer, KV head) reads, in position order.
+
+`SequenceKV` keeps ONE device tensor `slots [L, Hkv, cap]` and one host tensor `lens [L, Hkv]` per
+sequence, so a step touches a sequence's tables with one op for all its layers (append the step's
+slots, slice the read table), never one op per layer. `SlotTable` is a per-layer view of it with the
+small API methods use off the hot path (eviction and compression after prefill).
+"""
 
 from __future__ import annotations
 
 import torch
 
 
-class SlotTable:
-    """Per-KV-head lists of slot ids, stored as a padded [num_kv_heads, capacity] tensor.
+class SequenceKV:
+    """A sequence's KV bookkeeping: the slot tables of all layers plus method-private state.
 
-    Heads may hold different numbers of tokens (head-wise eviction); `lens[h]` says how many.
-    Slot ids live on the pool's device (the decode kernel reads them there every step, so they are
-    not re-sent from the host); the lengths stay on the host (the scheduler reads them).
+    `state` belongs to the method (a typed dataclass for the batched methods; a dict for methods
+    still on the per-sequence path).
     """
 
-    def __init__(self, num_kv_heads: int, capacity: int = 64, device: torch.device | str = "cpu"):
-        self.slots = torch.zeros(num_kv_heads, max(capacity, 1), dtype=torch.long, device=device)
-        self.lens = torch.zeros(num_kv_heads, dtype=torch.long)
-        self.lens_dev = torch.zeros(num_kv_heads, dtype=torch.long, device=device)  # mirror: masks without syncs
+    def __init__(self, num_layers: int, num_kv_heads: int, capacity: int, device="cpu"):
+        self.slots = torch.zeros(num_layers, num_kv_heads, max(int(capacity), 1), dtype=torch.long, device=device)
+        self.lens = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)  # host: the scheduler reads it
+        self.state = {}
+        self._tables = None
 
     @property
-    def num_kv_heads(self) -> int:
+    def num_layers(self) -> int:
         return self.slots.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.slots.shape[2]
+
+    @property
+    def tables(self) -> list["SlotTable"]:
+        if self._tables is None:
+            self._tables = [SlotTable(self, l) for l in range(self.num_layers)]
+        return self._tables
 
     def max_len(self) -> int:
         return int(self.lens.max()) if self.lens.numel() else 0
@@ -28,35 +44,82 @@ class SlotTable:
     def total(self) -> int:
         return int(self.lens.sum())
 
-    def _grow(self, need: int) -> None:
-        cap = self.slots.shape[1]
+    def grow(self, need: int) -> None:
+        cap = self.capacity
         if need <= cap:
             return
-        new = torch.zeros(self.num_kv_heads, max(need, 2 * cap), dtype=torch.long, device=self.slots.device)
-        new[:, :cap] = self.slots
+        new = torch.zeros(self.slots.shape[0], self.slots.shape[1], max(need, 2 * cap), dtype=torch.long,
+                          device=self.slots.device)
+        new[:, :, :cap] = self.slots
         self.slots = new
 
+    def append_all(self, slots: torch.Tensor) -> None:
+        """Append [L, Hkv, n] slot ids: n new tokens in every layer and head (one op for all layers)."""
+        n = slots.shape[2]
+        lo, hi = int(self.lens.min()), int(self.lens.max())
+        self.grow(hi + n)
+        if lo == hi:  # every table has the same length (vanilla, and any method before eviction)
+            self.slots[:, :, lo : lo + n] = slots
+        else:  # per-layer / per-head lengths differ (after eviction): one scatter
+            cols = (self.lens[:, :, None] + torch.arange(n)[None, None, :]).to(self.slots.device)
+            self.slots.scatter_(2, cols, slots)
+        self.lens += n
+
+    def clone(self) -> "SequenceKV":
+        """A copy of the tables (the slots themselves are shared: callers incref them)."""
+        new = SequenceKV.__new__(SequenceKV)
+        new.slots, new.lens, new.state, new._tables = self.slots.clone(), self.lens.clone(), {}, None
+        return new
+
+    def all_slots(self) -> torch.Tensor:
+        """Every slot held, all layers and heads (for release / incref)."""
+        cap = self.capacity
+        mask = torch.arange(cap)[None, None, :] < self.lens[:, :, None]
+        return self.slots[mask.to(self.slots.device)]
+
+
+class SlotTable:
+    """Layer `layer` of a `SequenceKV`: per-KV-head lists of slot ids (`lens[h]` valid entries each)."""
+
+    def __init__(self, owner: SequenceKV, layer: int):
+        self.owner = owner
+        self.layer = layer
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.owner.slots[self.layer]
+
+    @property
+    def lens(self) -> torch.Tensor:
+        return self.owner.lens[self.layer]  # a view: in-place updates reach the owner
+
+    @property
+    def lens_dev(self) -> torch.Tensor:
+        return self.lens.to(self.owner.slots.device, copy=True)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.owner.slots.shape[1]
+
+    def max_len(self) -> int:
+        return int(self.lens.max()) if self.lens.numel() else 0
+
+    def total(self) -> int:
+        return int(self.lens.sum())
+
     def append(self, slots: torch.Tensor) -> None:
-        """Append [num_kv_heads, n] slot ids (same n for every head)."""
+        """Append [num_kv_heads, n] slot ids to this layer (same n for every head)."""
         n = slots.shape[1]
-        slots = slots.to(self.slots.device)
-        if bool((self.lens == self.lens[0]).all()):
-            start = int(self.lens[0])
-            self._grow(start + n)
+        slots = slots.to(self.owner.slots.device)
+        self.owner.grow(self.max_len() + n)
+        lens = self.lens
+        if bool((lens == lens[0]).all()):
+            start = int(lens[0])
             self.slots[:, start : start + n] = slots
         else:
-            self._grow(self.max_len() + n)
-            for h in range(self.num_kv_heads):
-                s = int(self.lens[h])
-                self.slots[h, s : s + n] = slots[h]
-        self.lens += n
-        self.lens_dev += n
-
-    def clone(self) -> "SlotTable":
-        """A copy of the table (the slots themselves are shared: callers incref them)."""
-        new = SlotTable.__new__(SlotTable)
-        new.slots, new.lens, new.lens_dev = self.slots.clone(), self.lens.clone(), self.lens_dev.clone()
-        return new
+            cols = (lens[:, None] + torch.arange(n)[None, :]).to(slots.device)
+            self.slots.scatter_(1, cols, slots)
+        lens += n
 
     def head(self, h: int) -> torch.Tensor:
         return self.slots[h, : int(self.lens[h])]
@@ -66,11 +129,11 @@ class SlotTable:
 
     def replace(self, per_head: list[torch.Tensor]) -> None:
         """Set each head's slot list (e.g. after eviction); callers free the dropped slots."""
-        self._grow(max((len(s) for s in per_head), default=0))
+        self.owner.grow(max((len(s) for s in per_head), default=0))
+        slots, lens = self.slots, self.lens
         for h, s in enumerate(per_head):
-            self.slots[h, : len(s)] = s.to(self.slots.device)
-            self.lens[h] = len(s)
-        self.lens_dev = self.lens.to(self.slots.device, copy=True)  # never alias the host lengths
+            slots[h, : len(s)] = s.to(slots.device)
+            lens[h] = len(s)
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([H, T] slot ids, [H, T] valid mask) with T = longest head."""

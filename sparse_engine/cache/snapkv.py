@@ -18,7 +18,7 @@ Per-layer budgets: uniform, or exponentially decaying (`budget_decay`); PyramidK
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,24 @@ class SnapKVConfig(MethodConfig):
         return exp_decay_budgets(self.budget, num_layers, self.budget_decay, floor)
 
 
+@dataclass
+class SnapState:
+    """Per sequence: the prompt's window queries buffered per layer until the prompt is complete."""
+
+    qbuf: dict = field(default_factory=dict)  # layer -> (q [w, Hq, D], positions [w])
+    compressed: bool = False
+
+
+@dataclass
+class _WindowRows:
+    """This step's window-query rows (flat batch rows), their positions, owners (seq, lo, hi)."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    owners: list
+    q: dict  # layer -> q[rows]
+
+
 def snap_scores(probs: torch.Tensor, num_kv_heads: int, kernel: int, pooling: str, c: int) -> torch.Tensor:
     """probs [Hq, w, T] of the window queries -> scores [Hkv, c] of the first `c` (pre-window) tokens."""
     hq = probs.shape[0]
@@ -108,25 +126,45 @@ class SnapKVCache(CacheMethod):
         super().__init__(config, spec, pool, sliding_window)
         self.budgets = self.config.layer_budgets(spec.num_layers)
 
+    def new_sequence(self, seq) -> None:
+        super().new_sequence(seq)
+        seq.kv.state = SnapState()
+
     # ------------------------------------------------------------------ scoring input
-    def observe(self, seq, layer, q, q_pos, view) -> None:
-        """Buffer the prompt's last `window_size` queries of this layer (they may span chunks)."""
-        # This step's queries sit at positions [num_computed, num_computed + n): decided on the host,
-        # so decode steps (all past the prompt) cost nothing and never sync with the device.
-        p, start = seq.num_prompt_tokens, seq.num_computed
-        lo, hi = max(start, p - self.config.window_size), min(start + q.shape[0], p)
-        if lo >= hi or seq.kv.state.get("compressed"):
-            return
-        buf = seq.kv.state.setdefault("qbuf", {})
-        old_q, old_pos = buf.get(layer, (q[:0], q_pos[:0]))
-        buf[layer] = (torch.cat([old_q, q[lo - start : hi - start]]), torch.cat([old_pos, q_pos[lo - start : hi - start]]))
+    def begin_step(self, plan) -> None:
+        """Find (on the host, once per step) the rows of this step that are window queries of a
+        prompt: the prompt's last `window_size` tokens, possibly spread over several chunks."""
+        super().begin_step(plan)
+        rows, owners = [], []
+        for b, seq in enumerate(plan.seqs):
+            p, start, n = seq.num_prompt_tokens, plan.starts[b], plan.num_new[b]
+            lo, hi = max(start, p - self.config.window_size), min(start + n, p)
+            if lo < hi and not seq.kv.state.compressed:
+                owners.append((seq, len(rows), len(rows) + hi - lo))
+                rows.extend(range(plan.cu[b] + lo - start, plan.cu[b] + hi - start))
+        self._window = None
+        if rows:
+            idx = torch.tensor(rows, dtype=torch.long, device=plan.positions.device)
+            self._window = _WindowRows(idx, plan.positions[idx], owners, {})
+
+    def forward_layer(self, plan, layer, q, k, v, k_pre):
+        out = super().forward_layer(plan, layer, q, k, v, k_pre)
+        if self._window is not None:  # one gather per layer for the whole batch
+            self._window.q[layer] = q[self._window.rows]
+        return out
 
     def after_step(self, seq, prefill_done: bool, num_new_tokens: int) -> None:
-        state = seq.kv.state
-        if not prefill_done or state.get("compressed"):
+        state: SnapState = seq.kv.state
+        w = getattr(self, "_window", None)
+        for s, a, b in (w.owners if w is not None else ()):
+            if s is seq:  # this sequence's window queries of this step, every layer
+                for layer, q in w.q.items():
+                    old_q, old_pos = state.qbuf.get(layer, (q[:0], w.pos[:0]))
+                    state.qbuf[layer] = (torch.cat([old_q, q[a:b]]), torch.cat([old_pos, w.pos[a:b]]))
+        if not prefill_done or state.compressed:
             return
-        state["compressed"] = True
-        qbuf = state.pop("qbuf", {})
+        state.compressed = True
+        qbuf, state.qbuf = state.qbuf, {}
         for layer in range(self.spec.num_layers):
             if layer in qbuf:
                 self.compress_layer(seq, layer, *qbuf[layer])

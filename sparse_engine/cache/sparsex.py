@@ -221,6 +221,9 @@ class SparseXCache(CacheMethod):
             parts.append(rows + s.start)
         return torch.cat(parts) if changed else None
 
+    def batched(self, plan) -> bool:
+        return plan.all_decode and super().batched(plan)  # decode is the base method's; prefill reuse is per sequence
+
     def _plan(self, seq):
         plan = seq.kv.state.get("sx")
         return plan if plan is not None and plan.active else None

@@ -70,6 +70,9 @@ class StreamingCache(CacheMethod):
         super().__init__(config, spec, pool, sliding_window)
         self.budgets = self.config.layer_budgets(spec.num_layers)
 
+    def batched(self, plan) -> bool:
+        return False
+
     def new_sequence(self, seq) -> None:
         super().new_sequence(seq)
         seq.kv.state["ptr"] = [0] * self.spec.num_layers  # ring index of the oldest recent token

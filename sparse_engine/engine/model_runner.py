@@ -1,12 +1,13 @@
-"""`ModelRunner`: packs a scheduled batch into one flattened forward pass and returns logits."""
+"""`ModelRunner`: turns a scheduled batch into a `StepPlan`, lets the cache method prepare it, runs
+the decoder once on the flattened batch and returns the logits of the rows that sample."""
 
 from __future__ import annotations
 
 import torch
 
-from ..layers.rotary import rope_cos_sin
 from ..models.decoder import CausalLM, ForwardContext, SeqSlice
 from .sequence import Sequence
+from .step_plan import StepPlan, build_plan
 
 
 class ModelRunner:
@@ -16,23 +17,24 @@ class ModelRunner:
         self.device = device
         self.spec = model.spec
 
+    def prepare(self, batch: list[tuple[Sequence, int]]) -> StepPlan:
+        """The step plan: flat tokens, positions, RoPE, row groups; then the method allocates the
+        step's slots in every layer and builds the read tables (batched methods), or the per-sequence
+        context is attached (methods still on the per-sequence hooks)."""
+        plan = build_plan(batch, self.spec, self.device)
+        plan.method = self.method
+        plan.batched = self.method.batched(plan)
+        if plan.batched:
+            self.method.begin_step(plan)
+        else:
+            slices = [SeqSlice(seq, plan.cu[b], plan.cu[b + 1]) for b, seq in enumerate(plan.seqs)]
+            plan.ctx = ForwardContext(slices, plan.positions, plan.cos, plan.sin, self.method, plan.all_decode)
+        return plan
+
+    @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Process `n` new tokens of each sequence. Returns the sequences whose last token was
         processed (they sample next) and their logits [len, vocab] (float32)."""
-        ids, pos, slices, rows, samplers = [], [], [], [], []
-        start = 0
-        for seq, n in batch:
-            c = seq.num_computed
-            ids.extend(seq.token_ids[c : c + n])
-            pos.extend(range(c, c + n))
-            slices.append(SeqSlice(seq, start, start + n))
-            start += n
-            if c + n == seq.num_tokens:
-                rows.append(start - 1)
-                samplers.append(seq)
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
-        cos, sin = rope_cos_sin(self.spec.inv_freq.to(self.device), positions, self.spec.rope_attention_scaling)
-        ctx = ForwardContext(slices, positions, cos, sin, self.method, all_decode=all(n == 1 for _, n in batch))
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        logits = self.model(input_ids, ctx, torch.tensor(rows, dtype=torch.long, device=self.device))
-        return samplers, logits
+        plan = self.prepare(batch)
+        logits = self.model(plan.input_ids, plan)
+        return plan.samplers, logits

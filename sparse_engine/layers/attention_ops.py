@@ -73,3 +73,45 @@ def attention_probs(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, kpos:
     mask = mask.repeat_interleave(hq // hkv, dim=0)
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+def attend_group(q: torch.Tensor, group, table: torch.Tensor, lens: torch.Tensor, pool: KVPool, scale: float,
+                 sliding_window: int | None = None, decode_kernel=None):
+    """Attention of one row group of a step over its read tables, in one call for the whole group.
+
+    q [N, Hq, D]: the step's flat queries; group: a `RowGroup` (G sequences x n rows); table
+    [G, Hkv, T] slot ids and lens [G, Hkv] (device) valid entries per head. Keys are masked by
+    validity and by the POSITION stored with each slot (a query at p sees keys at <= p), so chunked
+    prefill and evicted / reordered KV share one rule. Returns (out [rows, Hq, D] in the group's row
+    order, padding dropped; (k, kpos, valid) of the gathered keys for observers, or None when the
+    Triton decode kernel read the pool directly).
+    """
+    G, n = group.rows.shape
+    hq, d = q.shape[1], q.shape[2]
+    hkv, t = table.shape[1], table.shape[2]
+    g = hq // hkv
+    qg = q.view(G, hq, d) if group.flat_rows is None and n == 1 else q[group.rows]  # [G, n, Hq, D] or [G, Hq, D]
+    if group.decode and decode_kernel is not None and sliding_window is None:
+        return decode_kernel(qg.reshape(G, hq, d), pool.k, pool.v, table, lens, scale), None
+    k, v = pool.k[table], pool.v[table]  # [G, Hkv, T, D]
+    valid = torch.arange(t, device=table.device)[None, None, :] < lens[:, :, None]  # [G, Hkv, T]
+    kpos = None
+    if group.decode:
+        mask = valid[:, :, None, :]  # the new token sits after every cached one: lengths suffice
+        if sliding_window is not None:
+            kpos = pool.pos[table]
+            mask = mask & (kpos > group.q_pos.view(G, 1, 1) - sliding_window)[:, :, None, :]
+        qh = qg.reshape(G, hkv, g, d).to(k.dtype)
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)  # [G, Hkv, g, D]
+        return out.reshape(G, hq, d).to(q.dtype), (k, kpos, valid)
+    kpos = pool.pos[table]  # [G, Hkv, T]
+    qp = group.q_pos[:, None, :, None]  # [G, 1, n, 1]
+    mask = valid[:, :, None, :] & (kpos[:, :, None, :] <= qp)  # [G, Hkv, n, T]
+    if sliding_window is not None:
+        mask &= kpos[:, :, None, :] > qp - sliding_window
+    qh = qg.view(G, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(G, hkv, g * n, d).to(k.dtype)
+    mask = mask[:, :, None].expand(G, hkv, g, n, t).reshape(G, hkv, g * n, t)
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)  # [G, Hkv, g*n, D]
+    out = out.view(G, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(G, n, hq, d).to(q.dtype)
+    out = out.reshape(G * n, hq, d) if group.valid is None else out[group.valid]
+    return out, (k, kpos, valid)

@@ -1,8 +1,10 @@
 """One decoder for the Llama / Qwen2 / Qwen3 / Mistral family (flags from `ModelSpec`).
 
-Parameter names follow HF checkpoints (`model.layers.0.self_attn.q_proj.weight` ...) so weights load
-straight from safetensors. Tokens of all scheduled sequences are flattened into one [N] batch; the
-attention layer hands each sequence's slice to the cache method, which owns storage and reads.
+Parameter names follow HF checkpoints (`model.layers.0.self_attn.q_proj.weight` ...) except two
+packed projections, as in nano-vllm: `qkv_proj` (q, k, v rows stacked) and `gate_up_proj` (gate, up);
+the loader fills their shards (`PACKED`). Tokens of all scheduled sequences are flattened into one
+[N] batch; each attention layer makes ONE call into the cache method for the whole step
+(`CacheMethod.forward_layer`: one K/V write, one attention call per row group).
 """
 
 from __future__ import annotations
@@ -52,15 +54,20 @@ class ForwardContext:
                               self.all_decode)
 
 
+# HF parameter -> (packed parameter, shard index): the loader copies each shard into its rows.
+PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         h, d = spec.hidden_size, spec.head_dim
-        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
+        self.q_size, self.kv_size = spec.num_heads * d, spec.num_kv_heads * d
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.qkv_proj.shard_sizes = [self.q_size, self.kv_size, self.kv_size]
         self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
         if spec.qk_norm:
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
@@ -68,36 +75,44 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q = qkv[:, : self.q_size].view(n, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         k_pre = k  # pre-RoPE keys: DeltaKV compresses these
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
+        if plan.batched:
+            out = plan.method.forward_layer(plan, self.layer_idx, q, k, v, k_pre)
+        else:
+            out = self._per_sequence(plan.ctx, q, k, v, k_pre)
+        return self.o_proj(out.reshape(n, -1))
+
+    def _per_sequence(self, ctx: ForwardContext, q, k, v, k_pre) -> torch.Tensor:
+        """Methods still on the per-sequence hooks: one write / attend per sequence."""
         method, layer, pos = ctx.method, self.layer_idx, ctx.positions
         for s in ctx.slices:
             r = slice(s.start, s.end)
             method.write(s.seq, layer, k[r], v[r], pos[r], k_pre[r])
         if ctx.all_decode:
-            out = method.attend_decode_batch([s.seq for s in ctx.slices], layer, q, pos)
-        else:
-            out = torch.cat([method.attend(s.seq, layer, q[s.start : s.end], pos[s.start : s.end])
-                             for s in ctx.slices])
-        return self.o_proj(out.reshape(n, -1))
+            return method.attend_decode_batch([s.seq for s in ctx.slices], layer, q, pos)
+        return torch.cat([method.attend(s.seq, layer, q[s.start : s.end], pos[s.start : s.end])
+                          for s in ctx.slices])
 
 
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.gate_up_proj.shard_sizes = [spec.intermediate_size, spec.intermediate_size]
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -108,8 +123,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+    def forward(self, x, plan):
+        x = x + self.self_attn(self.input_layernorm(x), plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -131,18 +146,22 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, logit_rows: torch.Tensor) -> torch.Tensor:
-        """Run every layer; return logits (float32) only for `logit_rows` of the flattened batch."""
+    def forward(self, input_ids: torch.Tensor, plan) -> torch.Tensor:
+        """Run every layer on the step `plan`; return logits (float32) only for `plan.logit_rows`."""
         x = self.model.embed_tokens(input_ids)
+        logit_rows = plan.logit_rows
         for i, layer in enumerate(self.model.layers):
-            keep = ctx.method.rows_for_layer(ctx, i)  # None: every row goes on (all methods but SparseX)
-            if keep is not None:
-                remap = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-                remap[keep] = torch.arange(len(keep), device=x.device)
-                logit_rows = remap[logit_rows]
-                if bool((logit_rows < 0).any()):
-                    raise RuntimeError(f"{ctx.method.name}: rows_for_layer({i}) dropped a row whose logits are needed")
-                x, ctx = x[keep], ctx.narrow(keep)
-            x = layer(x, ctx)
+            if not plan.batched:  # per-sequence methods may drop rows before a layer (SparseX)
+                ctx = plan.ctx
+                keep = ctx.method.rows_for_layer(ctx, i)  # None: every row goes on
+                if keep is not None:
+                    remap = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+                    remap[keep] = torch.arange(len(keep), device=x.device)
+                    logit_rows = remap[logit_rows]
+                    if bool((logit_rows < 0).any()):
+                        raise RuntimeError(f"{ctx.method.name}: rows_for_layer({i}) dropped a row whose logits are needed")
+                    x, plan.ctx = x[keep], ctx.narrow(keep)
+                    plan.cos, plan.sin = plan.ctx.cos, plan.ctx.sin
+            x = layer(x, plan)
         x = self.model.norm(x[logit_rows])
         return self.lm_head(x).float()
