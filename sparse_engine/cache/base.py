@@ -61,6 +61,7 @@ class BatchView:
     table: torch.Tensor
     lens: torch.Tensor
     scratch: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # [G, Hkv, T] = arange(T) < lens (computed from lens when None)
 
 
 class CacheMethod:
@@ -149,6 +150,7 @@ class CacheMethod:
             g.table = torch.stack([kv.slots[:, :, :t] for kv in kvs]) if len(kvs) > 1 else kvs[0].slots[None, :, :, :t]
             g.lens_host = torch.stack([kv.lens for kv in kvs])
             g.lens = g.lens_host.to(self.pool.device)
+            g.kv_valid = torch.arange(t, device=g.lens.device) < g.lens[..., None]
 
     def write_layer(self, plan, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None) -> None:
         """One scatter per layer: the batch's new K (after RoPE) and V [N, Hkv, D] into their slots."""
@@ -158,7 +160,7 @@ class CacheMethod:
 
     def layer_view(self, plan, layer: int, group) -> BatchView:
         """The read table of `layer` for `group` (default: everything the sequences hold)."""
-        return BatchView(group.table[:, layer], group.lens[:, layer])
+        return BatchView(group.table[:, layer], group.lens[:, layer], valid=group.kv_valid[:, layer])
 
     def observe_layer(self, plan, layer: int, group, q: torch.Tensor, view: BatchView, kv) -> None:
         """After a group's attention: q [N, Hq, D] (the step's flat queries), `kv` = (k [G, Hkv, T, D],
@@ -178,7 +180,7 @@ class CacheMethod:
     def _attend(self, plan, layer, group, q):
         view = self.layer_view(plan, layer, group)
         out, kv = attend_group(q, group, view.table, view.lens, self.pool, self.scale, self.sliding_window,
-                               self.decode_kernel)
+                               self.decode_kernel, valid=view.valid)
         self.observe_layer(plan, layer, group, q, view, kv)
         if view.scratch is not None:
             self.pool.free(view.scratch)

@@ -35,6 +35,7 @@ class RowGroup:
     table: torch.Tensor | None = None
     lens: torch.Tensor | None = None
     lens_host: torch.Tensor | None = None
+    kv_valid: torch.Tensor | None = None  # [G, L, Hkv, T] entries < lens: decode masks, built once per step
 
     @property
     def size(self) -> int:
@@ -61,9 +62,17 @@ class StepPlan:
     method_data: object = None  # a method's per-step tensors (e.g. OmniKV's selection)
     ctx: object = None  # per-sequence path only: the decoder's ForwardContext
 
+    rope: tuple | None = None  # (cos, signed sin) [N, 1, 2, D/2] in the model dtype: `apply_rope_fast`
+
     @property
     def num_rows(self) -> int:
         return self.cu[-1]
+
+    def set_rope(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> None:
+        from ..layers.rotary import rope_tables
+
+        self.cos, self.sin = cos, sin
+        self.rope = rope_tables(cos, sin, dtype)
 
 
 def _group(bidx: list[int], plan_cu: list[int], positions: torch.Tensor, decode: bool, device) -> RowGroup:

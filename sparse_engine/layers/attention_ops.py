@@ -76,7 +76,7 @@ def attention_probs(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, kpos:
 
 
 def attend_group(q: torch.Tensor, group, table: torch.Tensor, lens: torch.Tensor, pool: KVPool, scale: float,
-                 sliding_window: int | None = None, decode_kernel=None):
+                 sliding_window: int | None = None, decode_kernel=None, valid: torch.Tensor | None = None):
     """Attention of one row group of a step over its read tables, in one call for the whole group.
 
     q [N, Hq, D]: the step's flat queries; group: a `RowGroup` (G sequences x n rows); table
@@ -93,17 +93,22 @@ def attend_group(q: torch.Tensor, group, table: torch.Tensor, lens: torch.Tensor
     qg = q.view(G, hq, d) if group.flat_rows is None and n == 1 else q[group.rows]  # [G, n, Hq, D] or [G, Hq, D]
     if group.decode and decode_kernel is not None and sliding_window is None:
         return decode_kernel(qg.reshape(G, hq, d), pool.k, pool.v, table, lens, scale), None
-    k, v = pool.k[table], pool.v[table]  # [G, Hkv, T, D]
-    valid = torch.arange(t, device=table.device)[None, None, :] < lens[:, :, None]  # [G, Hkv, T]
+    flat = table.reshape(-1)  # index_select copies whole rows: ~2.5x faster than advanced indexing on CPU
+    k = pool.k.index_select(0, flat).view(G, hkv, t, d)  # [G, Hkv, T, D]
+    v = pool.v.index_select(0, flat).view(G, hkv, t, d)
+    if valid is None:
+        valid = torch.arange(t, device=table.device)[None, None, :] < lens[:, :, None]  # [G, Hkv, T]
     kpos = None
     if group.decode:
         mask = valid[:, :, None, :]  # the new token sits after every cached one: lengths suffice
         if sliding_window is not None:
             kpos = pool.pos[table]
             mask = mask & (kpos > group.q_pos.view(G, 1, 1) - sliding_window)[:, :, None, :]
-        qh = qg.reshape(G, hkv, g, d).to(k.dtype)
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)  # [G, Hkv, g, D]
-        return out.reshape(G, hq, d).to(q.dtype), (k, kpos, valid)
+        qh = qg.reshape(G, hkv, g, d)
+        out = F.scaled_dot_product_attention(qh if qh.dtype == k.dtype else qh.to(k.dtype), k, v, attn_mask=mask,
+                                             scale=scale)  # [G, Hkv, g, D]
+        out = out.reshape(G, hq, d)
+        return (out if out.dtype == q.dtype else out.to(q.dtype)), (k, kpos, valid)
     kpos = pool.pos[table]  # [G, Hkv, T]
     qp = group.q_pos[:, None, :, None]  # [G, 1, n, 1]
     mask = valid[:, :, None, :] & (kpos[:, :, None, :] <= qp)  # [G, Hkv, n, T]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.norm import RMSNorm
-from ..layers.rotary import apply_rope
+from ..layers.rotary import apply_rope, apply_rope_fast
 from .spec import ModelSpec
 
 
@@ -78,13 +78,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x)
-        q = qkv[:, : self.q_size].view(n, self.num_heads, self.head_dim)
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        k_pre = k  # pre-RoPE keys: DeltaKV compresses these
-        q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
+        qs, ks = self.q_size, self.kv_size
+        v = qkv[:, qs + ks :].view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:
+            qk = qkv[:, : qs + ks].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
+            k_pre = qk[:, self.num_heads :]  # pre-RoPE keys: DeltaKV compresses these
+            qk = apply_rope_fast(qk, plan.rope)  # q and k rotated in one go
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q = self.q_norm(qkv[:, :qs].view(n, self.num_heads, self.head_dim))
+            k_pre = self.k_norm(qkv[:, qs : qs + ks].view(n, self.num_kv_heads, self.head_dim))
+            q, k = apply_rope_fast(q, plan.rope), apply_rope_fast(k_pre, plan.rope)
         if plan.batched:
             out = plan.method.forward_layer(plan, self.layer_idx, q, k, v, k_pre)
         else:
@@ -149,6 +153,7 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, plan) -> torch.Tensor:
         """Run every layer on the step `plan`; return logits (float32) only for `plan.logit_rows`."""
         x = self.model.embed_tokens(input_ids)
+        plan.set_rope(plan.cos, plan.sin, x.dtype)
         logit_rows = plan.logit_rows
         for i, layer in enumerate(self.model.layers):
             if not plan.batched:  # per-sequence methods may drop rows before a layer (SparseX)
@@ -161,7 +166,7 @@ class CausalLM(nn.Module):
                     if bool((logit_rows < 0).any()):
                         raise RuntimeError(f"{ctx.method.name}: rows_for_layer({i}) dropped a row whose logits are needed")
                     x, plan.ctx = x[keep], ctx.narrow(keep)
-                    plan.cos, plan.sin = plan.ctx.cos, plan.ctx.sin
+                    plan.set_rope(plan.ctx.cos, plan.ctx.sin, x.dtype)
             x = layer(x, plan)
         x = self.model.norm(x[logit_rows])
         return self.lm_head(x).float()
