@@ -62,6 +62,7 @@ class BatchView:
     lens: torch.Tensor
     scratch: torch.Tensor | None = None
     valid: torch.Tensor | None = None  # [G, Hkv, T] = arange(T) < lens (computed from lens when None)
+    dense: bool = False  # table column j holds position j for every sequence and head (causal fast path)
 
 
 class CacheMethod:
@@ -150,6 +151,10 @@ class CacheMethod:
             g.table = torch.stack([kv.slots[:, :, :t] for kv in kvs]) if len(kvs) > 1 else kvs[0].slots[None, :, :, :t]
             g.lens_host = torch.stack([kv.lens for kv in kvs])
             g.lens = g.lens_host.to(self.pool.device)
+            if not g.decode:  # host-side check: nothing evicted or reordered -> a plain causal prefill
+                ends = {plan.starts[b] + plan.num_new[b] for b in g.bidx}
+                g.dense = len(ends) == 1 and len({plan.num_new[b] for b in g.bidx}) == 1 and \
+                    bool((g.lens_host == t).all()) and t == ends.pop()
             g.kv_valid = torch.arange(t, device=g.lens.device) < g.lens[..., None]
 
     def write_layer(self, plan, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None) -> None:
@@ -160,7 +165,8 @@ class CacheMethod:
 
     def layer_view(self, plan, layer: int, group) -> BatchView:
         """The read table of `layer` for `group` (default: everything the sequences hold)."""
-        return BatchView(group.table[:, layer], group.lens[:, layer], valid=group.kv_valid[:, layer])
+        return BatchView(group.table[:, layer], group.lens[:, layer], valid=group.kv_valid[:, layer],
+                         dense=group.dense)
 
     def observe_layer(self, plan, layer: int, group, q: torch.Tensor, view: BatchView, kv) -> None:
         """After a group's attention: q [N, Hq, D] (the step's flat queries), `kv` = (k [G, Hkv, T, D],
@@ -180,7 +186,7 @@ class CacheMethod:
     def _attend(self, plan, layer, group, q):
         view = self.layer_view(plan, layer, group)
         out, kv = attend_group(q, group, view.table, view.lens, self.pool, self.scale, self.sliding_window,
-                               self.decode_kernel, valid=view.valid)
+                               self.decode_kernel, valid=view.valid, dense=view.dense)
         self.observe_layer(plan, layer, group, q, view, kv)
         if view.scratch is not None:
             self.pool.free(view.scratch)

@@ -35,6 +35,7 @@ class RowGroup:
     table: torch.Tensor | None = None
     lens: torch.Tensor | None = None
     lens_host: torch.Tensor | None = None
+    dense: bool = False  # prefill: every table holds positions 0..T-1 in order, same n and T (set by the method)
     kv_valid: torch.Tensor | None = None  # [G, L, Hkv, T] entries < lens: decode masks, built once per step
 
     @property
