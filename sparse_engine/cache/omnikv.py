@@ -10,18 +10,31 @@ and the `recent_size` most recent tokens. Selection runs at every decode step an
 
 History of a step whose queries start at position s: positions in [sink_size, s - recent_size).
 Nothing is freed: KV bytes equal vanilla's; only the read view narrows (fewer bytes read per step).
+
+Batch path: `begin_step` decides on the host which sequences of each row group select and how many
+tokens each picks and keeps; an observation layer's `observe_layer` scores the whole group from the
+keys attention gathered and writes a compacted column list [G, T'] (kept columns in position order);
+each sparse layer's `layer_view` gathers its own table at those columns (every layer holds the same
+positions in the same order). A group where nobody selects reads exactly vanilla's view.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import torch
 
 from ..layers.attention_ops import attention_probs, gather_kv
 from ..models.spec import ModelSpec
-from .base import CacheMethod, MethodConfig, View
+from .base import BatchView, CacheMethod, MethodConfig, View
+
+# Scoring works in float32 on bounded blocks: sequences whose keys [b, Hkv, T, D] fit _KEY_ELEMS,
+# query rows whose probabilities [b, Hq, rows, T] fit _SCORE_ELEMS (a long prefill chunk or a big
+# decode batch never materialises everything at once).
+_KEY_ELEMS = 1 << 27
+_SCORE_ELEMS = 1 << 25
 
 
 def _check_count(name: str, value) -> None:
@@ -80,6 +93,58 @@ def top_count(value: int | float, history: int) -> int:
     return min(k, history)
 
 
+class _Selection(MutableMapping):
+    """`seq.kv.state["cols"]`: {observation layer: kept column indices (host tensor), or None when the
+    sparse layers read everything}. The batch path fills it with references into the step's device
+    selection, read back (one sync) only when someone looks (tests, debugging), never on the hot path."""
+
+    def __init__(self, data: dict | None = None):
+        self._data = dict(data or {})
+
+    def __getitem__(self, layer):
+        v = self._data[layer]
+        if isinstance(v, tuple):  # (group selection, row): materialise once
+            sel, row = v
+            cols = sel.cols.get(layer)
+            v = None if cols is None else cols[row, : sel.kept_host[row]].cpu()
+            self._data[layer] = v
+        return v
+
+    def __setitem__(self, layer, value):
+        self._data[layer] = value
+
+    def __delitem__(self, layer):
+        del self._data[layer]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+    def __deepcopy__(self, memo):  # fork: the step's selections are read-only, share them
+        return _Selection(self._data)
+
+
+@dataclass
+class _GroupSelection:
+    """One row group's OmniKV selection for this step (host-known sizes, device tensors).
+
+    hist_hi [G]: history is columns [sink_size, hist_hi) (hist_hi = 0: the sequence does not select);
+    k [G]: tokens picked per sequence; k_max, t_kept: host bounds; lens [G, Hkv]: kept columns per
+    sequence, valid [G, Hkv, t_kept] its prefix mask (built once per step for every sparse layer);
+    cols: observation layer -> kept column indices [G, t_kept] (in position order)."""
+
+    hist_hi: torch.Tensor
+    k: torch.Tensor
+    k_max: int
+    t_kept: int
+    kept_host: list
+    lens: torch.Tensor
+    valid: torch.Tensor
+    cols: dict = field(default_factory=dict)
+
+
 class OmniKVCache(CacheMethod):
     name = "omnikv"
     Config = OmniKVConfig
@@ -92,9 +157,122 @@ class OmniKVCache(CacheMethod):
         self.source = {l: max(f for f in full if f < l) for l in range(spec.num_layers) if l not in self.full}
         self.observers = set(self.source.values())
 
+    # ------------------------------------------------------------------ batch hooks
     def batched(self, plan) -> bool:
-        return False
+        return True
 
+    def begin_step(self, plan) -> None:
+        """Host, once per step: which sequences select (their history exceeds the budget), how many
+        tokens each picks and keeps; one small copy per row group. Groups where nobody selects read
+        the full tables (the very view vanilla reads)."""
+        super().begin_step(plan)
+        data = {}
+        for g in plan.groups:
+            sel, selects = self._plan_group(plan, g)
+            data[id(g)] = sel
+            for row, b in enumerate(g.bidx):  # what each sequence selected, for inspection (lazy)
+                plan.seqs[b].kv.state["cols"] = _Selection(
+                    {o: (sel, row) if selects[row] else None for o in self.observers})
+        plan.method_data = data
+
+    def _plan_group(self, plan, group):
+        cfg = self.config
+        lengths = group.lens_host[:, 0, 0].tolist()  # every layer and head holds every token
+        hist_hi, ks, kept, selects = [], [], [], []
+        for row, b in enumerate(group.bidx):
+            start, length = plan.starts[b], lengths[row]
+            budget = cfg.num_top_tokens if start >= plan.seqs[b].num_prompt_tokens else cfg.num_top_tokens_in_prefill
+            hi = min(start - cfg.recent_size, length)  # history: columns (= positions) [sink_size, hi)
+            n_hist = max(0, hi - cfg.sink_size)
+            k = top_count(budget, n_hist) if budget is not None and n_hist else 0
+            on = budget is not None and k < n_hist
+            selects.append(on)
+            hist_hi.append(hi if on else 0)
+            ks.append(k if on else 0)
+            kept.append(length - n_hist + k if on else length)
+        if not any(selects):
+            return None, selects
+        dev = self.pool.device
+        hist_hi_d, k_d, kept_d = torch.tensor([hist_hi, ks, kept], dtype=torch.long).to(dev)
+        lens = kept_d[:, None].expand(len(kept), self.spec.num_kv_heads).contiguous()
+        valid = torch.arange(max(kept), device=dev)[None, None, :] < lens[:, :, None]
+        return _GroupSelection(hist_hi_d, k_d, max(ks), max(kept), kept, lens, valid), selects
+
+    def layer_view(self, plan, layer, group) -> BatchView:
+        sel = plan.method_data.get(id(group)) if layer not in self.full and plan.method_data else None
+        cols = None if sel is None else sel.cols.get(self.source[layer])
+        if cols is None:
+            return super().layer_view(plan, layer, group)
+        # Every layer holds the same positions in the same column order: the observer's kept
+        # columns index this layer's table directly.
+        tab = group.table[:, layer]  # [G, Hkv, T]
+        G, H, t = tab.shape[0], tab.shape[1], cols.shape[1]
+        return BatchView(tab.gather(2, cols[:, None, :].expand(G, H, t)), sel.lens, valid=sel.valid)
+
+    def observe_layer(self, plan, layer, group, q, view, kv) -> None:
+        if layer not in self.observers or not plan.method_data:
+            return
+        sel = plan.method_data.get(id(group))
+        if sel is None:
+            return
+        score = self._scores(group, q, view, kv)  # [G, T]
+        G, T = score.shape
+        col = torch.arange(T, device=score.device)
+        hist = (col >= self.config.sink_size) & (col < sel.hist_hi[:, None])  # [G, T]
+        score = score.masked_fill(~hist, float("-inf"))
+        top = score.topk(sel.k_max, dim=1).indices  # [G, k_max], best first
+        ok = torch.arange(sel.k_max, device=score.device)[None, :] < sel.k[:, None]  # each sequence's k
+        picked = torch.zeros(G, T, dtype=torch.bool, device=score.device).scatter_(1, top, ok)
+        keep = (col < view.lens[:, :1]) & (~hist | picked)  # exactly sel.kept[g] columns per row
+        dest = torch.where(keep, keep.cumsum(1) - 1, sel.t_kept).clamp_(max=sel.t_kept)
+        cols = torch.zeros(G, sel.t_kept + 1, dtype=torch.long, device=score.device)
+        cols.scatter_(1, dest, col.expand(G, T))  # kept columns to the front, in order; rest to a dump column
+        sel.cols[layer] = cols[:, : sel.t_kept]
+
+    def _scores(self, group, q, view, kv) -> torch.Tensor:
+        """Per column [G, T]: softmaxed float32 attention (masked as attention masks it, as
+        `attention_probs`), max over query heads and over the group's queries. Padded query rows
+        repeat a sequence's last row (same query, same position): they change no maximum.
+
+        Memory stays bounded for big batches / long histories: sequences in blocks whose float32 keys
+        fit `_KEY_ELEMS`, query rows in blocks whose probabilities fit `_SCORE_ELEMS` (block counts are
+        host-known shapes: no sync, and no loop per sequence unless one sequence alone fills a block)."""
+        G, n = group.rows.shape
+        hq, d = q.shape[1], q.shape[2]
+        table = view.table
+        hkv, T = table.shape[1], table.shape[2]
+        qg = q[group.rows]  # [G, n, Hq, D]
+        gb = max(1, _KEY_ELEMS // max(1, hkv * T * d))
+        qb = max(1, _SCORE_ELEMS // max(1, min(gb, G) * hq * T))
+        parts = []
+        for g0 in range(0, G, gb):
+            g1 = min(G, g0 + gb)
+            if kv is None:  # the decode kernel read the pool: gather the keys here
+                k = self.pool.k.index_select(0, table[g0:g1].reshape(-1)).view(g1 - g0, hkv, T, d)
+                kpos = None
+                valid = (view.valid[g0:g1] if view.valid is not None else
+                         torch.arange(T, device=table.device)[None, None, :] < view.lens[g0:g1, :, None])
+            else:
+                k, kpos, valid = (None if x is None else x[g0:g1] for x in kv)
+            if kpos is None and not group.decode:  # attention took a causal fast path: fetch positions
+                kpos = self.pool.pos[table[g0:g1]]
+            qh = qg[g0:g1].float().view(g1 - g0, n, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)  # [b, Hkv, g, n, D]
+            kt = k.float().transpose(-1, -2)[:, :, None]  # [b, Hkv, 1, D, T]
+            base = valid[:, :, None, None, :]
+            score = None
+            for lo in range(0, n, qb):
+                s = torch.matmul(qh[:, :, :, lo : lo + qb], kt) * self.scale  # [b, Hkv, g, rows, T]
+                mask = base
+                if kpos is not None:  # (no kpos: decode rows, which see every valid key)
+                    mask = base & (kpos[:, :, None, None, :] <= group.q_pos[g0:g1, None, None, lo : lo + qb, None])
+                p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+                a = p.amax(dim=(1, 2, 3))
+                score = a if score is None else torch.maximum(score, a)
+            parts.append(score)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    # ------------------------------------------------------------------ per-sequence hooks (legacy path:
+    # SparseX prefill steps run them)
     def _budget(self, seq, q_pos):
         """The top-k knob for this step: decode, or a prefill chunk (None: full attention)."""
         decode = seq.num_computed >= seq.num_prompt_tokens  # host-side: no device sync per layer
