@@ -109,11 +109,11 @@ def test_layer_hooks_do_not_sync(tiny, monkeypatch):
 
 def test_scoring_blocks_change_nothing(tiny, monkeypatch):
     """Scoring one sequence and one query row at a time (bounded memory) selects what one block does."""
-    from sparse_engine.cache import omnikv
+    from sparse_engine.cache import scoring
 
     prompts = _prompts()
     toks, sels = _run(_llm(tiny, "int-budget+prefill"), prompts)
-    monkeypatch.setattr(omnikv, "_KEY_ELEMS", 1)
-    monkeypatch.setattr(omnikv, "_SCORE_ELEMS", 1)
+    monkeypatch.setattr(scoring, "_KEY_ELEMS", 1)
+    monkeypatch.setattr(scoring, "_SCORE_ELEMS", 1)
     toks2, sels2 = _run(_llm(tiny, "int-budget+prefill"), prompts)
     assert toks2 == toks and sels2 == sels

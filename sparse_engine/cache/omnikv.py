@@ -29,13 +29,7 @@ import torch
 from ..layers.attention_ops import attention_probs, gather_kv
 from ..models.spec import ModelSpec
 from .base import BatchView, CacheMethod, MethodConfig, View
-
-# Scoring works in float32 on bounded blocks: sequences whose keys [b, Hkv, T, D] fit _KEY_ELEMS,
-# query rows whose probabilities [b, Hq, rows, T] fit _SCORE_ELEMS (a long prefill chunk or a big
-# decode batch never materialises everything at once).
-_KEY_ELEMS = 1 << 27
-_SCORE_ELEMS = 1 << 25
-
+from .scoring import group_scores, pick_top
 
 def _check_count(name: str, value) -> None:
     if value is None:
@@ -219,10 +213,7 @@ class OmniKVCache(CacheMethod):
         G, T = score.shape
         col = torch.arange(T, device=score.device)
         hist = (col >= self.config.sink_size) & (col < sel.hist_hi[:, None])  # [G, T]
-        score = score.masked_fill(~hist, float("-inf"))
-        top = score.topk(sel.k_max, dim=1).indices  # [G, k_max], best first
-        ok = torch.arange(sel.k_max, device=score.device)[None, :] < sel.k[:, None]  # each sequence's k
-        picked = torch.zeros(G, T, dtype=torch.bool, device=score.device).scatter_(1, top, ok)
+        picked = pick_top(score, hist, sel.k, sel.k_max)
         keep = (col < view.lens[:, :1]) & (~hist | picked)  # exactly sel.kept[g] columns per row
         dest = torch.where(keep, keep.cumsum(1) - 1, sel.t_kept).clamp_(max=sel.t_kept)
         cols = torch.zeros(G, sel.t_kept + 1, dtype=torch.long, device=score.device)
@@ -230,46 +221,7 @@ class OmniKVCache(CacheMethod):
         sel.cols[layer] = cols[:, : sel.t_kept]
 
     def _scores(self, group, q, view, kv) -> torch.Tensor:
-        """Per column [G, T]: softmaxed float32 attention (masked as attention masks it, as
-        `attention_probs`), max over query heads and over the group's queries. Padded query rows
-        repeat a sequence's last row (same query, same position): they change no maximum.
-
-        Memory stays bounded for big batches / long histories: sequences in blocks whose float32 keys
-        fit `_KEY_ELEMS`, query rows in blocks whose probabilities fit `_SCORE_ELEMS` (block counts are
-        host-known shapes: no sync, and no loop per sequence unless one sequence alone fills a block)."""
-        G, n = group.rows.shape
-        hq, d = q.shape[1], q.shape[2]
-        table = view.table
-        hkv, T = table.shape[1], table.shape[2]
-        qg = q[group.rows]  # [G, n, Hq, D]
-        gb = max(1, _KEY_ELEMS // max(1, hkv * T * d))
-        qb = max(1, _SCORE_ELEMS // max(1, min(gb, G) * hq * T))
-        parts = []
-        for g0 in range(0, G, gb):
-            g1 = min(G, g0 + gb)
-            if kv is None:  # the decode kernel read the pool: gather the keys here
-                k = self.pool.k.index_select(0, table[g0:g1].reshape(-1)).view(g1 - g0, hkv, T, d)
-                kpos = None
-                valid = (view.valid[g0:g1] if view.valid is not None else
-                         torch.arange(T, device=table.device)[None, None, :] < view.lens[g0:g1, :, None])
-            else:
-                k, kpos, valid = (None if x is None else x[g0:g1] for x in kv)
-            if kpos is None and not group.decode:  # attention took a causal fast path: fetch positions
-                kpos = self.pool.pos[table[g0:g1]]
-            qh = qg[g0:g1].float().view(g1 - g0, n, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)  # [b, Hkv, g, n, D]
-            kt = k.float().transpose(-1, -2)[:, :, None]  # [b, Hkv, 1, D, T]
-            base = valid[:, :, None, None, :]
-            score = None
-            for lo in range(0, n, qb):
-                s = torch.matmul(qh[:, :, :, lo : lo + qb], kt) * self.scale  # [b, Hkv, g, rows, T]
-                mask = base
-                if kpos is not None:  # (no kpos: decode rows, which see every valid key)
-                    mask = base & (kpos[:, :, None, None, :] <= group.q_pos[g0:g1, None, None, lo : lo + qb, None])
-                p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-                a = p.amax(dim=(1, 2, 3))
-                score = a if score is None else torch.maximum(score, a)
-            parts.append(score)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return group_scores(self.pool, self.scale, group, q, view, kv)
 
     # ------------------------------------------------------------------ per-sequence hooks (legacy path:
     # SparseX prefill steps run them)
