@@ -250,7 +250,7 @@ class StepLedger:
         pool, method, sched = llm.pool, llm.method, llm.scheduler
         self.steps: list[dict] = []
         self.cur: dict | None = None
-        self.mine = torch.zeros(pool.num_slots, dtype=torch.bool)  # allocated in this step, still live
+        self.mine = torch.zeros(pool.refcount.numel(), dtype=torch.bool)  # allocated in this step, still live
         needs: dict[int, tuple[int, int]] = {}
         in_schedule = [False]
         o_alloc, o_free, o_needed, o_sched = pool.allocate, pool.free, method.slots_needed, sched.schedule
