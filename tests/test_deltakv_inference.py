@@ -197,7 +197,7 @@ def test_decode_compresses_in_blocks(tiny, block):
         if seq.finished:
             break
         boundary = seq.num_computed - 8  # tokens before it have left the recent window
-        lat_pos = set(seq.kv.state["lat"][1][1].tolist())
+        lat_pos = set(seq.kv.state.lat_pos.tolist())
         full_pos = set(llm.pool.pos[seq.kv.tables[1].padded()[0][0]].tolist())
         assert full_pos.isdisjoint(lat_pos) and full_pos | lat_pos == set(range(seq.num_computed))
         pending = [p for p in range(REF.num_sinks, boundary) if not is_proto(p) and p not in lat_pos]
@@ -242,3 +242,35 @@ def test_qk_norm_model_served_and_old_checkpoints_refused(tiny_model_factory):
     out = llm.generate(prompts(), SP, use_tqdm=False)
     assert _tokens(out) == _tokens(LLM(path, **COMMON).generate(prompts(), SP, use_tqdm=False))
     assert llm.kv_stats()["compressed_tokens"] > 100
+
+
+@pytest.mark.parametrize("latent_dtype,prefill_top", [("int4", None), ("float32", 12)])
+def test_batched_path_equals_per_sequence_path(tiny, latent_dtype, prefill_top):
+    """The whole-batch path (one scoring, one reconstruction per layer for every sequence, scratch
+    slots shared by all sparse layers) gives the per-sequence path's tokens and logits, with a lossy
+    compressor, top-k narrower than the history and sequences of different lengths in one batch."""
+    g = torch.Generator().manual_seed(3)
+    ps = prompts() + [[int(x) for x in torch.randint(3, 250, (n,), generator=g)] for n in (45, 160)]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, return_logits=True)
+
+    def run(batched: bool):
+        llm = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(latent=24, seed=5), latent_dtype=latent_dtype,
+                  num_top_tokens=10, num_top_tokens_in_prefill=prefill_top, recent_size=8, decode_compress_block=4,
+                  **COMMON)
+        if not batched:
+            llm.method.batched = lambda plan: False
+        seen = []
+        prepare = llm.runner.prepare
+        llm.runner.prepare = lambda batch: seen.append(prepare(batch)) or seen[-1]
+        out = llm.generate(ps, sp, use_tqdm=False)
+        assert all(p.batched == batched for p in seen) and any(len(p.seqs) > 1 for p in seen)
+        st = llm.kv_stats()
+        assert st["slots_used"] == 0 and st["latent_bytes_device"] == 0
+        return out, st
+
+    (per_seq, st1), (batched, st2) = run(False), run(True)
+    assert _tokens(batched) == _tokens(per_seq)
+    for a, b in zip(batched, per_seq):
+        torch.testing.assert_close(torch.stack(a["logits"]), torch.stack(b["logits"]), rtol=1e-4, atol=1e-4)
+    assert st1["compressed_tokens"] == st2["compressed_tokens"] > 100
+    assert st1["reconstructed_tokens"] == st2["reconstructed_tokens"] > 0

@@ -157,6 +157,9 @@ class CacheMethod:
                     bool((g.lens_host == t).all()) and t == ends.pop()
             g.kv_valid = torch.arange(t, device=g.lens.device) < g.lens[..., None]
 
+    def end_step(self, plan) -> None:
+        """After the step's forward (host): release per-step resources (e.g. scratch slots)."""
+
     def write_layer(self, plan, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None) -> None:
         """One scatter per layer: the batch's new K (after RoPE) and V [N, Hkv, D] into their slots."""
         idx, d = plan.write_slots[layer], self.spec.head_dim

@@ -38,8 +38,9 @@ import torch
 from ..layers.attention_ops import attention_probs, gather_kv
 from ..models.spec import ModelSpec
 from ..offload.latent_store import LATENT_DTYPES, LatentCodec, Prefetcher, TieredLatentStore
-from .base import CacheMethod, MethodConfig, SequenceKV, View
+from .base import BatchView, CacheMethod, MethodConfig, View
 from .omnikv import _check_count, top_count
+from .scoring import group_scores, pick_top
 
 _DTYPE_ALIASES = {"bfloat16": "bf16", "fp32": "float32", "float": "float32"}
 
@@ -107,6 +108,57 @@ class DeltaKVConfig(MethodConfig):
             raise ValueError(f"deltakv_cold_after must be a number of steps >= 0 (or None), got {self.deltakv_cold_after!r}")
 
 
+@dataclass
+class DeltaState:
+    """Per sequence. Every sparse layer holds the same positions (same appends, same compression
+    rule), so the latent tokens' positions are shared and only their row handles differ per layer.
+
+    lat_pos [n] (host): positions of the compressed tokens, in order; lat_handles [Ls, n] (host):
+    their latent row per sparse layer; lat_rows [Ls, n] (device): the rows' arena indices (device
+    tier) for the batched reconstruction; compressed_upto: tokens before it left the recent window
+    and were compressed; sel: the last per-sequence selection (per-sequence path only)."""
+
+    lat_pos: torch.Tensor
+    lat_handles: torch.Tensor
+    lat_rows: torch.Tensor | None = None
+    compressed_upto: int = 0
+    sel: dict = field(default_factory=dict)
+
+    def handles(self, i: int) -> torch.Tensor:
+        return self.lat_handles[i]
+
+    @property
+    def num_latent(self) -> int:
+        return self.lat_pos.numel()
+
+
+@dataclass
+class _GroupPlan:
+    """One row group's DeltaKV step (host-known sizes, device tensors), shared by its sparse layers.
+
+    hist_hi [G] (history = positions [sinks, hist_hi); 0 = the sequence does not select), k [G];
+    t_s: width of the sparse tables; kpos_s [G, t_s] their positions (pad: p_max); colmap [G, p_max+1]
+    position -> column; lat_pos [G, nl] (pad -1), lat_rows [G, Ls, nl]; w: reconstructed tokens per
+    sequence (scratch [G, Hkv, w] slots, reused by every sparse layer); per observer: the view."""
+
+    selects: bool
+    hist_hi: torch.Tensor
+    k: torch.Tensor
+    k_max: int
+    t_s: int
+    lens_s: torch.Tensor
+    kpos_s: torch.Tensor
+    colmap: torch.Tensor
+    rope_s: tuple
+    lat_pos: torch.Tensor | None
+    lat_rows: torch.Tensor | None
+    nl: int
+    w: int
+    scratch: torch.Tensor | None
+    scratch_real: torch.Tensor | None  # the allocated scratch slots (freed at the end of the step)
+    views: dict = field(default_factory=dict)  # observer -> (li, lvalid, rope_r, cols, lens, valid)
+
+
 def load_for_engine(path_or_compressor, spec: ModelSpec, device):
     """The compressor of `deltakv_path` checked against the engine's model (clear errors)."""
     from deltakv.checkpoint import CheckpointError, load_compressor
@@ -167,6 +219,7 @@ class DeltaKVCache(CacheMethod):
         self.source = {l: max(f for f in full if f < l) for l in self.sparse}
         self.observers = set(self.source.values())
         self.next_sparse = {a: b for a, b in zip(self.sparse, self.sparse[1:])}
+        self.sparse_index = {l: i for i, l in enumerate(self.sparse)}
         self.sinks, self.stride = ref.num_sinks, ref.stride
         self.num_fathers = ref.top_k if ref.kind == "cluster_e2e" else 0
         max_ord = self._ordinal(torch.tensor([spec.max_position_embeddings])).item()
@@ -178,9 +231,160 @@ class DeltaKVCache(CacheMethod):
         self.inv_freq = spec.inv_freq.to(pool.device)
         self.rope_scaling = float(spec.rope_attention_scaling)
         self.counters = {"compressed_tokens": 0, "reconstructed_tokens": 0}
+        self._reconstructed = torch.zeros((), dtype=torch.long, device=pool.device)  # batched path: summed lazily
 
+    # ------------------------------------------------------------------ batch hooks
     def batched(self, plan) -> bool:
-        return False  # per-sequence reconstruction; batched in issue 14
+        # Host / disk tiers move rows between arenas (handles -> rows changes): per-sequence path.
+        return not self.config.deltakv_offload_latent and self.config.deltakv_cold_after is None
+
+    def _inv_ordinal(self, o: torch.Tensor) -> torch.Tensor:
+        """Prototype position of prototype ordinal `o` (inverse of `_ordinal`)."""
+        if self.stride == 0:
+            return o
+        return torch.where(o < self.sinks, o, self.sinks + (o - self.sinks) * self.stride)
+
+    def begin_step(self, plan) -> None:
+        """Host, once per step: per row group, who selects and how many tokens (the OmniKV rule over
+        the history [sinks, start - recent_size)), the sparse tables' positions and a position ->
+        column map, the latent tokens to choose from, and ONE block of scratch slots [G, Hkv, w] that
+        every sparse layer's reconstruction reuses (freed in `end_step`)."""
+        super().begin_step(plan)
+        plan.method_data = {id(g): self._plan_group(plan, g) for g in plan.groups}
+
+    def _plan_group(self, plan, group) -> _GroupPlan | None:
+        cfg, dev, hkv = self.config, self.pool.device, self.spec.num_kv_heads
+        states = [plan.seqs[b].kv.state for b in group.bidx]
+        nls = [st.num_latent for st in states]
+        hist_hi, ks, ws = [], [], []
+        for row, b in enumerate(group.bidx):
+            start = plan.starts[b]
+            budget = cfg.num_top_tokens if start >= plan.seqs[b].num_prompt_tokens else cfg.num_top_tokens_in_prefill
+            hi = start - cfg.recent_size
+            n_hist = max(0, hi - self.sinks)
+            k = top_count(budget, n_hist) if budget is not None and n_hist else 0
+            on = budget is not None and k < n_hist
+            hist_hi.append(hi if on else 0)
+            ks.append(k if on else 0)
+            ws.append(min(k, nls[row]) if on else nls[row])
+        selects = any(h > 0 for h in hist_hi)
+        if not selects and not any(nls):
+            return None  # nothing compressed, nothing narrowed: the sparse layers read what they hold
+        s0 = self.sparse[0]
+        lens_s_host = group.lens_host[:, s0, 0]
+        t_s = int(lens_s_host.max())
+        p_max = max(plan.starts[b] + plan.num_new[b] for b in group.bidx)
+        G = len(group.bidx)
+        lens_s = lens_s_host.to(dev)
+        col = torch.arange(t_s, device=dev)
+        kpos_s = self.pool.pos[group.table[:, s0, 0, :t_s]].masked_fill(col[None, :] >= lens_s[:, None], p_max)
+        colmap = torch.full((G, p_max + 1), -1, dtype=torch.long, device=dev)
+        colmap.scatter_(1, kpos_s, col.expand(G, t_s).contiguous())
+        nl, w = max(nls), max(ws)
+        lat_pos = lat_rows = scratch = scratch_real = None
+        if w:
+            lat_pos = torch.full((G, nl), -1, dtype=torch.long)
+            for row, st in enumerate(states):
+                lat_pos[row, : nls[row]] = st.lat_pos
+            lat_pos = lat_pos.to(dev)
+            lat_rows = torch.stack([torch.nn.functional.pad(st.lat_rows, (0, nl - st.lat_rows.shape[1]))
+                                    for st in states])  # [G, Ls, nl]
+            # Each sequence gets slots for its own tokens only (what `slots_needed` reserved); the
+            # padding of the [G, Hkv, w] block points at the pool's trash row (written, never read).
+            real = self.pool.allocate(sum(ws) * hkv)
+            scratch = torch.full((G, hkv, w), self.pool.trash, dtype=torch.long, device=dev)
+            o = 0
+            for row, wb in enumerate(ws):
+                scratch[row, :, :wb] = real[o : o + wb * hkv].view(hkv, wb)
+                o += wb * hkv
+            scratch_real = real
+        hist_hi_d, k_d = torch.tensor([hist_hi, ks], dtype=torch.long).to(dev)
+        return _GroupPlan(selects, hist_hi_d, k_d, max(ks), t_s, lens_s, kpos_s, colmap,
+                          self._tables(kpos_s.clamp(max=p_max - 1).reshape(-1)), lat_pos, lat_rows, nl, w, scratch,
+                          scratch_real)
+
+    def end_step(self, plan) -> None:
+        for gp in (plan.method_data or {}).values():
+            if gp is not None and gp.scratch_real is not None:
+                self.pool.free(gp.scratch_real)
+
+    def observe_layer(self, plan, layer, group, q, view, kv) -> None:
+        """At an observation layer: score the history (shared scorer), then build once for all the
+        sparse layers it serves which columns of their tables stay and which latent tokens are
+        reconstructed (in position order, as the per-sequence path orders them)."""
+        gp = plan.method_data.get(id(group)) if plan.method_data else None
+        if layer not in self.observers or gp is None:
+            return
+        dev, hkv = self.pool.device, self.spec.num_kv_heads
+        G, t_s = gp.kpos_s.shape
+        if gp.selects:
+            score = group_scores(self.pool, self.scale, group, q, view, kv)  # [G, T]: column = position
+            T = score.shape[1]
+            pcol = torch.arange(T, device=dev)
+            hist = (pcol >= self.sinks) & (pcol < gp.hist_hi[:, None])
+            picked = pick_top(score, hist, gp.k, gp.k_max)  # [G, T] by position
+            picked = torch.cat([picked, picked.new_zeros(G, gp.colmap.shape[1] - T)], dim=1) \
+                if gp.colmap.shape[1] > T else picked[:, : gp.colmap.shape[1]]
+            on = (gp.hist_hi > 0)[:, None]
+            hist_s = on & (gp.kpos_s >= self.sinks) & (gp.kpos_s < gp.hist_hi[:, None])
+            keep = ~hist_s | picked.gather(1, gp.kpos_s)
+        else:
+            on, picked = None, None
+            keep = torch.ones(G, t_s, dtype=torch.bool, device=dev)
+        keep &= torch.arange(t_s, device=dev)[None, :] < gp.lens_s[:, None]
+        li = lvalid = rope_r = None
+        if gp.w:
+            lvalid = gp.lat_pos >= 0  # [G, nl]
+            if picked is not None:
+                lvalid &= ~on | picked.gather(1, gp.lat_pos.clamp(min=0))
+            # selected latent tokens to the front, in position order: a stable sort of the mask
+            li = torch.sort((~lvalid).to(torch.int8), dim=1, stable=True).indices[:, : gp.w]
+            lvalid = lvalid.gather(1, li)
+            rpos = gp.lat_pos.gather(1, li).clamp(min=0)  # [G, w]
+            self.pool.pos.index_copy_(0, gp.scratch.reshape(-1), rpos[:, None, :].expand(G, hkv, gp.w).reshape(-1))
+            rope_r = self._tables(rpos.reshape(-1))
+            keep = torch.cat([keep, lvalid], dim=1)
+        cols = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, in order
+        n_keep = keep.sum(1)
+        lens = n_keep[:, None].expand(G, hkv).contiguous()
+        valid = torch.arange(cols.shape[1], device=dev)[None, None, :] < lens[:, :, None]
+        gp.views[layer] = (li, lvalid, rope_r, cols, lens, valid)
+
+    def layer_view(self, plan, layer, group) -> BatchView:
+        gp = plan.method_data.get(id(group)) if plan.method_data and layer not in self.full else None
+        if gp is None:
+            return super().layer_view(plan, layer, group)
+        li, lvalid, rope_r, cols, lens, valid = gp.views[self.source[layer]]
+        G, hkv = lens.shape
+        tab = group.table[:, layer, :, : gp.t_s]  # [G, Hkv, t_s]
+        if gp.w:
+            self._reconstruct_group(gp, layer, li, rope_r, tab)
+            self._reconstructed += lvalid.sum()  # device counter: no sync
+            tab = torch.cat([tab, gp.scratch], dim=2)
+        return BatchView(tab.gather(2, cols[:, None, :].expand(G, hkv, cols.shape[1])), lens, valid=valid)
+
+    def _reconstruct_group(self, gp: _GroupPlan, layer: int, li: torch.Tensor, rope_r, tab: torch.Tensor) -> None:
+        """The group's selected latent tokens of `layer` -> K/V in the scratch slots, in one call:
+        rows -> latent + father ordinals -> up-projection -> father mean over the prototypes (read
+        from this layer's table, RoPE undone) -> RoPE at the tokens' positions -> pool rows."""
+        gather_inv, reconstruct, _ = self._kernels
+        G, hkv, w, t_s = gp.scratch.shape[0], self.spec.num_kv_heads, gp.w, gp.t_s
+        rows = gp.lat_rows[:, self.sparse_index[layer]].gather(1, li)  # [G, w] arena rows
+        latent, ords = self.store.codec.decode(self.store.mem.data[rows.reshape(-1)])
+        pair = self.compressor[layer]
+        delta = pair.up(latent.to(pair.up.proj.weight.dtype)).float()  # [G*w, W]
+        if self.num_fathers:
+            table = tab.permute(1, 0, 2).reshape(hkv, G * t_s)
+            proto_kv = gather_inv(self.pool.k, self.pool.v, table, *gp.rope_s, self.rope_scaling)  # [G*t_s, W]
+            fpos = self._inv_ordinal(ords.clamp(min=0)).clamp(max=gp.colmap.shape[1] - 1).view(G, -1)
+            fcol = gp.colmap.gather(1, fpos).view(G * w, -1)
+            base = (torch.arange(G, device=fcol.device) * t_s).repeat_interleave(w)[:, None]
+            fathers = torch.where((ords >= 0) & (fcol >= 0), fcol + base, -1)
+        else:
+            fathers = torch.full((G * w, 1), -1, dtype=torch.long, device=delta.device)
+            proto_kv = delta.new_zeros(1, delta.shape[1])
+        scratch = gp.scratch.permute(1, 0, 2).reshape(hkv, G * w)
+        reconstruct(delta, fathers, proto_kv, *rope_r, self.pool.k, self.pool.v, scratch, self.rope_scaling)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -211,28 +415,25 @@ class DeltaKVCache(CacheMethod):
     # ------------------------------------------------------------------ lifecycle
     def new_sequence(self, seq) -> None:
         super().new_sequence(seq)
-        empty = torch.zeros(0, dtype=torch.long)
-        seq.kv.state["lat"] = {l: (empty, empty) for l in self.sparse}  # layer -> (handles, positions)
+        seq.kv.state = DeltaState(torch.zeros(0, dtype=torch.long), torch.zeros(len(self.sparse), 0, dtype=torch.long),
+                                  torch.zeros(len(self.sparse), 0, dtype=torch.long, device=self.pool.device))
 
     def fork(self, src, dst) -> None:
         """Sessions: the fork shares the source's latent rows by reference, like its pool slots."""
         super().fork(src, dst)
-        for handles, _ in dst.kv.state.get("lat", {}).values():
-            self.store.incref(handles)
-        dst.kv.state.pop("sel", None)  # the source's last selection is not the child's
+        self.store.incref(dst.kv.state.lat_handles.reshape(-1))
+        dst.kv.state.sel = {}  # the source's last selection is not the child's
 
     def release(self, seq) -> None:
         if getattr(seq, "kv", None) is not None:
-            for handles, _ in seq.kv.state.get("lat", {}).values():
-                self.store.free(handles)
+            self.store.free(seq.kv.state.lat_handles.reshape(-1))
             if self.prefetcher is not None:
                 self.prefetcher.drop(seq.seq_id)
         super().release(seq)
 
     # ------------------------------------------------------------------ scheduling
     def _num_latent(self, seq) -> int:
-        lat = seq.kv.state.get("lat", {}) if getattr(seq, "kv", None) is not None else {}
-        return max((len(h) for h, _ in lat.values()), default=0)
+        return seq.kv.state.num_latent if getattr(seq, "kv", None) is not None else 0
 
     def slots_needed(self, seq, num_new_tokens: int) -> int:
         """New tokens in every layer + one layer's reconstructed tokens (scratch, freed after use)."""
@@ -245,8 +446,9 @@ class DeltaKVCache(CacheMethod):
         slots, valid = table.padded()
         if layer in self.full:
             return View(slots, valid, prefix_lens=table.lens.clone())
-        handles, lpos = seq.kv.state["lat"][layer]
-        sel = seq.kv.state.get("sel", {}).get(self.source[layer])
+        st = seq.kv.state
+        handles, lpos = st.handles(self.sparse_index[layer]), st.lat_pos
+        sel = st.sel.get(self.source[layer])
         if sel is None:
             keep = None
             need = torch.ones(len(handles), dtype=torch.bool)
@@ -264,8 +466,8 @@ class DeltaKVCache(CacheMethod):
             slots = torch.cat([slots, scratch], dim=1)
         if self.prefetcher is not None and layer in self.next_sparse:
             nxt = self.next_sparse[layer]
-            h2, p2 = seq.kv.state["lat"][nxt]
-            sel2 = seq.kv.state.get("sel", {}).get(self.source[nxt])
+            h2, p2 = st.handles(self.sparse_index[nxt]), st.lat_pos
+            sel2 = st.sel.get(self.source[nxt])
             h2 = h2 if sel2 is None else h2[torch.isin(p2, sel2)]
             if len(h2):
                 self.prefetcher.start((seq.seq_id, nxt), h2)
@@ -312,7 +514,7 @@ class DeltaKVCache(CacheMethod):
     def observe(self, seq, layer, q, q_pos, view) -> None:
         if layer not in self.observers:
             return
-        sel = seq.kv.state.setdefault("sel", {})
+        sel = seq.kv.state.sel
         sel[layer] = None  # default: the sparse layers read (and reconstruct) everything this step
         decode = int(q_pos[0]) >= seq.num_prompt_tokens
         budget = self.config.num_top_tokens if decode else self.config.num_top_tokens_in_prefill
@@ -338,11 +540,13 @@ class DeltaKVCache(CacheMethod):
         boundary = seq.num_computed - self.config.recent_size
         if boundary <= self.sinks:
             return
-        done = seq.kv.state.get("compressed_upto", 0)
+        st: DeltaState = seq.kv.state
+        done = st.compressed_upto
         if num_new_tokens == 1 and boundary - done < self.config.decode_compress_block:
             return  # decode: wait until a block of tokens has left the recent window
-        seq.kv.state["compressed_upto"] = boundary
+        st.compressed_upto = boundary
         _, _, topk = self._kernels
+        new_handles, new_pos = [], None
         for layer in self.sparse:
             table = seq.kv.tables[layer]
             slots, _ = table.padded()
@@ -369,18 +573,26 @@ class DeltaKVCache(CacheMethod):
             w = pair.up.proj.weight.dtype
             latent = pair.encode(kv.to(w), ref.to(w))
             handles = self.store.put(latent, ords)
-            old_h, old_p = seq.kv.state["lat"][layer]
-            seq.kv.state["lat"][layer] = (torch.cat([old_h, handles]), torch.cat([old_p, cpos.cpu()]))
+            new_handles.append(handles)
+            new_pos = cpos.cpu()
             keep = ~comp
             self.pool.free(slots[:, comp].reshape(-1))
             table.replace([slots[h][keep] for h in range(table.num_kv_heads)])
             self.counters["compressed_tokens"] += len(cpos)
+        if new_handles:
+            if len(new_handles) != len(self.sparse):
+                raise RuntimeError("deltakv: sparse layers compressed different tokens (they must hold the same positions)")
+            h = torch.stack(new_handles)
+            st.lat_pos = torch.cat([st.lat_pos, new_pos])
+            st.lat_handles = torch.cat([st.lat_handles, h], dim=1)
+            if st.lat_rows is not None and self.store.disk is None and not self.config.deltakv_offload_latent:
+                st.lat_rows = torch.cat([st.lat_rows, self.store.index[h].to(self.pool.device)], dim=1)
 
     # ------------------------------------------------------------------ accounting
     def latent_rows(self, seq) -> int:
         if getattr(seq, "kv", None) is None:
             return 0
-        return sum(len(h) for h, _ in seq.kv.state.get("lat", {}).values())
+        return seq.kv.state.lat_handles.numel()
 
     def kv_bytes(self, seq) -> int:
         """Full-precision slots x bytes_per_slot + latent rows x row_bytes (every tier)."""
@@ -403,4 +615,5 @@ class DeltaKVCache(CacheMethod):
             "latent_rows_promoted": self.store.num_promoted,
             "latent_rows_demoted": self.store.num_demoted,
             **self.counters,
+            "reconstructed_tokens": self.counters["reconstructed_tokens"] + int(self._reconstructed),
         }

@@ -23,10 +23,13 @@ class KVPool:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        self.k = torch.zeros(num_slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(num_slots, head_dim, dtype=dtype, device=device)
-        self.pos = torch.zeros(num_slots, dtype=torch.long, device=device)  # token position per slot
-        self.refcount = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        # One extra TRASH row (index num_slots), never allocated: padding entries of batched writes
+        # (e.g. DeltaKV's scratch block) point there, so every row of a fixed-shape write is legal.
+        self.trash = num_slots
+        self.k = torch.zeros(num_slots + 1, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_slots + 1, head_dim, dtype=dtype, device=device)
+        self.pos = torch.zeros(num_slots + 1, dtype=torch.long, device=device)  # token position per slot
+        self.refcount = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
         # Free stack on the pool's device, its top on the host: allocate pops from the top and free
         # pushes back, vectorised; allocating needs no host<->device sync (decode's hot path).
         self._free = torch.arange(num_slots - 1, -1, -1, dtype=torch.long, device=device)

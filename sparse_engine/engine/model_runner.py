@@ -37,4 +37,6 @@ class ModelRunner:
         processed (they sample next) and their logits [len, vocab] (float32)."""
         plan = self.prepare(batch)
         logits = self.model(plan.input_ids, plan)
+        if plan.batched:
+            self.method.end_step(plan)
         return plan.samplers, logits
