@@ -287,6 +287,7 @@ class LLM:
                 for turn, p in zip(turns, params):
                     if turn:
                         session.token_ids += turn
+                        session.prompt_token_ids = list(session.token_ids)  # turn text is prompt, prefilled in chunks
                         self._run_until_held(session)
                     outs.append(self._run_children(session, [[]], [p])[0])
             else:

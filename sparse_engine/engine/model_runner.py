@@ -36,7 +36,9 @@ class ModelRunner:
         """Process `n` new tokens of each sequence. Returns the sequences whose last token was
         processed (they sample next) and their logits [len, vocab] (float32)."""
         plan = self.prepare(batch)
-        logits = self.model(plan.input_ids, plan)
-        if plan.batched:
-            self.method.end_step(plan)
+        try:
+            logits = self.model(plan.input_ids, plan)
+        finally:  # also on an interrupt: per-step resources (scratch slots) go back
+            if plan.batched:
+                self.method.end_step(plan)
         return plan.samplers, logits

@@ -30,10 +30,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_pending, self.config.chunk_prefill_size, budget)
-        if (n < seq.num_pending and seq.num_computed == 0 and seq.num_pending <= self.config.max_num_batched_tokens
-                and self.method.whole_prefill(seq)):
-            return seq.num_pending if seq.num_pending <= budget else 0  # 0: wait for a step with room
+        if seq.num_computed >= seq.num_prompt_tokens:
+            # Decode - or replaying the tokens a preempted request had generated: one per step, as
+            # they were first computed, so eviction / selection see the same history (a chunked
+            # recompute would score and compress them as prompt tokens and change the output).
+            return min(1, budget)
+        n = min(seq.num_prompt_tokens - seq.num_computed, self.config.chunk_prefill_size, budget)
+        p = seq.num_prompt_tokens
+        if n < p and seq.num_computed == 0 and p <= self.config.max_num_batched_tokens and self.method.whole_prefill(seq):
+            return p if p <= budget else 0  # 0: wait for a step with room
         return n
 
     def _preempt(self, seq: Sequence) -> None:
