@@ -178,7 +178,7 @@ class LLM:
     def _accept(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
         """Append a sampled token; return True (with `seq.finish_reason` set) if the sequence ends."""
         if seq.params.return_logits:
-            seq.logits = getattr(seq, "logits", []) + [logits.cpu()]
+            seq.logits.append(logits.cpu())
         seq.token_ids.append(token)
         reason = self._stop_reason(seq, token)
         if reason:
@@ -214,7 +214,7 @@ class LLM:
             "prompt_token_ids": list(seq.prompt_token_ids),
             "finish_reason": seq.finish_reason,
             "num_preemptions": seq.num_preemptions,
-            "kv_bytes": getattr(seq, "kv_bytes_at_finish", 0),
+            "kv_bytes": seq.kv_bytes_at_finish,
             **({"logits": seq.logits} if seq.params.return_logits else {}),
         }
 

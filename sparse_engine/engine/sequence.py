@@ -33,6 +33,8 @@ class Sequence:
         self.hold = False  # session prefix: once every token is cached, keep the KV and do not sample
         self.last_logits = None  # held sequences keep the logits of their last token
         self.segments = segments  # caller-given segment lengths (tokens) partitioning the prompt's start
+        self.logits: list = []  # per output token, when params.return_logits
+        self.kv_bytes_at_finish = 0  # KV bytes the method held when the sequence finished
 
     @property
     def num_tokens(self) -> int:
