@@ -97,6 +97,7 @@ class CacheMethod:
         a slot whose refcount is > 1 before writing it (copy-on-write)."""
         dst.kv = src.kv.clone()
         dst.kv.state = copy.deepcopy(src.kv.state)
+        dst.kv.extra = copy.deepcopy(src.kv.extra)
         self.pool.incref(src.kv.all_slots())
 
     def release(self, seq) -> None:

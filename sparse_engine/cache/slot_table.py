@@ -14,14 +14,15 @@ import torch
 class SequenceKV:
     """A sequence's KV bookkeeping: the slot tables of all layers plus method-private state.
 
-    `state` belongs to the method (a typed dataclass for the batched methods; a dict for methods
-    still on the per-sequence path).
+    `state` belongs to the method (a typed dataclass); `extra` holds the data of a wrapper method
+    composed over it (SparseX over OmniKV / streaming), so the two never share one object.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, capacity: int, device="cpu"):
         self.slots = torch.zeros(num_layers, num_kv_heads, max(int(capacity), 1), dtype=torch.long, device=device)
         self.lens = torch.zeros(num_layers, num_kv_heads, dtype=torch.long)  # host: the scheduler reads it
         self.state = {}
+        self.extra: dict = {}
         self._tables = None
 
     @property
@@ -68,7 +69,7 @@ class SequenceKV:
     def clone(self) -> "SequenceKV":
         """A copy of the tables (the slots themselves are shared: callers incref them)."""
         new = SequenceKV.__new__(SequenceKV)
-        new.slots, new.lens, new.state, new._tables = self.slots.clone(), self.lens.clone(), {}, None
+        new.slots, new.lens, new.state, new.extra, new._tables = self.slots.clone(), self.lens.clone(), {}, {}, None
         return new
 
     def all_slots(self) -> torch.Tensor:

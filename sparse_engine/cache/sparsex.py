@@ -152,7 +152,7 @@ class SparseXCache(CacheMethod):
     # ------------------------------------------------------------------ lifecycle
     def new_sequence(self, seq) -> None:
         super().new_sequence(seq)
-        seq.kv.state["sx_stored"] = False
+        seq.kv.extra["sx_stored"] = False
         if seq.num_computed != 0:
             return
         P = seq.num_prompt_tokens
@@ -173,10 +173,10 @@ class SparseXCache(CacheMethod):
         if plan.hits:
             plan.pinned = torch.cat([e.all_slots() for _, _, e, _ in plan.hits])
             self.pool.incref(plan.pinned)  # eviction while this request waits must not free them
-            seq.kv.state["sx"] = plan
+            seq.kv.extra["sx"] = plan
 
     def _unpin(self, seq) -> None:
-        plan = seq.kv.state.pop("sx", None) if getattr(seq, "kv", None) is not None else None
+        plan = seq.kv.extra.pop("sx", None) if getattr(seq, "kv", None) is not None else None
         if plan is not None and plan.pinned is not None:
             self.pool.free(plan.pinned)
             plan.pinned = None
@@ -203,11 +203,11 @@ class SparseXCache(CacheMethod):
 
     def rows_for_layer(self, ctx, layer: int):
         F = self.config.full_recompute_layers
-        if (layer != 0 and layer != F) or not any("sx" in s.seq.kv.state for s in ctx.slices):
+        if (layer != 0 and layer != F) or not any("sx" in s.seq.kv.extra for s in ctx.slices):
             return None  # decode steps and requests without hits: nothing to drop
         parts, changed = [], False
         for s in ctx.slices:
-            plan = s.seq.kv.state.get("sx")
+            plan = s.seq.kv.extra.get("sx")
             if plan is not None and layer == 0:
                 plan.active = s.seq.num_computed == 0 and s.n == plan.P
                 if not plan.active:  # chunked prefill: no reuse for this request
@@ -225,7 +225,7 @@ class SparseXCache(CacheMethod):
         return plan.all_decode and super().batched(plan)  # decode is the base method's; prefill reuse is per sequence
 
     def _plan(self, seq):
-        plan = seq.kv.state.get("sx")
+        plan = seq.kv.extra.get("sx")
         return plan if plan is not None and plan.active else None
 
     def write(self, seq, layer, k, v, positions, k_pre=None) -> None:
@@ -287,7 +287,7 @@ class SparseXCache(CacheMethod):
 
     # ------------------------------------------------------------------ per step
     def after_step(self, seq, prefill_done: bool, num_new_tokens: int) -> None:
-        state = seq.kv.state
+        state = seq.kv.extra  # SparseX wraps other methods: its data stays out of their typed state
         if prefill_done and not state.get("sx_stored"):
             state["sx_stored"] = True
             plan = self._plan(seq)
