@@ -62,7 +62,8 @@ class LLM:
             self.model = random_model(self.spec, self.dtype, self.device, cfg.seed)
         else:
             self.model = load_model(self.model_path, self.spec, self.dtype, self.device)
-        self.pool = KVPool(self._num_slots(), self.spec.head_dim, self.dtype, self.device)
+        self.kv_budget_bytes = self._kv_budget_bytes()
+        self.pool = KVPool(self.kv_budget_bytes // self._bytes_per_slot(), self.spec.head_dim, self.dtype, self.device)
         self.method = method_cls(method_cls.make_config(**method_knobs), self.spec, self.pool,
                                  sliding_window=self.spec.sliding_window)
         if cfg.use_triton is True or (cfg.use_triton == "auto" and self.device.type == "cuda"):
@@ -73,14 +74,22 @@ class LLM:
                 self.method.decode_kernel = decode_attention_triton
             elif cfg.use_triton is True:
                 raise RuntimeError("use_triton=True but Triton cannot run here (install triton; CUDA or TRITON_INTERPRET=1)")
+        self.method.max_chunk = cfg.chunk_prefill_size
+        # One KV budget: the method claims what it keeps outside the slots (DeltaKV latent rows).
+        pool_bytes = self.method.claim_budget(self.kv_budget_bytes)
+        if pool_bytes < self.kv_budget_bytes:
+            self.pool.resize(pool_bytes // self.pool.bytes_per_slot)
         self.scheduler = Scheduler(cfg, self.method, self.pool)
         self.runner = ModelRunner(self.model, self.method, self.device)
         self._seqs: dict[int, Sequence] = {}
         self.session_reused_tokens = 0
 
     # ------------------------------------------------------------------ setup
-    def _num_slots(self) -> int:
-        bytes_per_slot = 2 * self.spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
+    def _bytes_per_slot(self) -> int:
+        return 2 * self.spec.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def _kv_budget_bytes(self) -> int:
+        """The run's KV memory: `kv_cache_bytes`, else a share of free GPU memory, else 1 GiB."""
         budget = self.config.kv_cache_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -88,7 +97,7 @@ class LLM:
                 budget = int(free * self.config.gpu_memory_utilization)
             else:
                 budget = 1 << 30
-        return budget // bytes_per_slot
+        return budget
 
     # ------------------------------------------------------------------ requests
     def _tokenize(self, prompt) -> list[int]:
@@ -141,6 +150,13 @@ class LLM:
                 f"One request of {len(ids)} prompt + {params.max_tokens} output tokens needs up to {need} KV "
                 f"slots but the pool has {self.pool.num_slots}. Raise kv_cache_bytes (now "
                 f"{self.pool.num_slots * self.pool.bytes_per_slot} bytes) or lower max_tokens."
+            )
+        rows = self.method.max_rows(min(len(ids) + params.max_tokens, self.max_model_len))
+        if rows > self.method.rows_capacity():
+            raise ValueError(
+                f"One request of {len(ids)} prompt + {params.max_tokens} output tokens needs up to {rows} latent rows "
+                f"but the latent tier holds {self.method.rows_capacity()}. Raise kv_cache_bytes (or the method's "
+                "latent share) or lower max_tokens."
             )
         seq = self._new_sequence(ids, params, segments=seg_lens)
         self._seqs[seq.seq_id] = seq
@@ -337,7 +353,9 @@ class LLM:
             "slots_free": pool.num_free,
             "bytes_per_slot": pool.bytes_per_slot,
             "bytes_per_token": pool.bytes_per_slot * self.spec.num_layers * self.spec.num_kv_heads,
+            "kv_budget_bytes": self.kv_budget_bytes,
             "kv_bytes_total": pool.num_slots * pool.bytes_per_slot,
+            "slots_peak": pool.peak_used,
             "kv_bytes_used": pool.num_used * pool.bytes_per_slot,
             "num_preemptions": self.scheduler.num_preemptions,
             "session_reused_tokens": self.session_reused_tokens,

@@ -274,3 +274,42 @@ def test_batched_path_equals_per_sequence_path(tiny, latent_dtype, prefill_top):
         torch.testing.assert_close(torch.stack(a["logits"]), torch.stack(b["logits"]), rtol=1e-4, atol=1e-4)
     assert st1["compressed_tokens"] == st2["compressed_tokens"] > 100
     assert st1["reconstructed_tokens"] == st2["reconstructed_tokens"] > 0
+
+
+def test_one_budget_bounds_slots_and_latent_rows(tiny):
+    """kv_cache_bytes bounds full-precision slots AND latent rows: the device arena is carved out of
+    the budget, admission / preemption count rows, the peak of both stays within the budget, and a
+    tight budget gives the roomy budget's tokens. Under the same budget DeltaKV runs more sequences
+    at once than vanilla."""
+    g = torch.Generator().manual_seed(4)
+    ps = [[int(x) for x in torch.randint(3, 250, (n,), generator=g)] for n in (300, 260, 280, 240, 310, 290)]
+    sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    knobs = dict(deltakv_path=tiny_compressor(latent=24, seed=5), latent_dtype="int4", num_top_tokens=16,
+                 recent_size=8, decode_compress_block=4, dtype="float32", chunk_prefill_size=64)
+    roomy = LLM(tiny, method="deltakv", kv_cache_bytes=1 << 24, **knobs).generate(ps, sp, use_tqdm=False)
+    budget = int(1.5 * 4 * 2 * 326 * 2 * 16 * 4)  # 1.5 vanilla sequences: layers x heads x tokens x (k, v) x D x fp32
+    peak = {}
+
+    def run(method, **kw):
+        llm = LLM(tiny, method=method, kv_cache_bytes=budget, **kw)
+        step = llm.step
+
+        def counted():  # sequences holding a whole prompt's KV at once (past their prefill)
+            out = step()
+            done = sum(s.num_computed >= s.num_prompt_tokens for s in llm.scheduler.running)
+            peak[method] = max(peak.get(method, 0), done)
+            return out
+
+        llm.step = counted
+        return llm, llm.generate(ps, sp, use_tqdm=False)
+
+    llm, out = run("deltakv", **knobs)
+    st = llm.kv_stats()
+    assert _tokens(out) == _tokens(roomy)
+    pool_bytes = st["slots_total"] * st["bytes_per_slot"]
+    assert pool_bytes + st["latent_arena_bytes"] <= budget  # the split respects the one budget
+    assert st["slots_peak"] <= st["slots_total"] and 0 < st["latent_rows_peak"] <= st["latent_rows_capacity"]
+    assert st["latent_rows_peak"] * st["latent_row_bytes"] + st["slots_peak"] * st["bytes_per_slot"] <= budget
+    assert st["slots_used"] == 0 and st["latent_rows_used"] == 0
+    run("vanilla", dtype="float32", chunk_prefill_size=64)
+    assert peak["vanilla"] == 1 and peak["deltakv"] >= 2, peak  # tiny geometry: ~0.48x vanilla bytes per token

@@ -82,6 +82,20 @@ def make_llm(path, method: str, **over) -> LLM:
     return LLM(path, method=method, **{**COMMON, **knobs(method), **over})
 
 
+def budget_for(probe: LLM, slots: int, extra_rows: float = 1.0) -> dict:
+    """Knobs giving a pool of (at least) `slots` slots; a method that also keeps rows outside the
+    pool (DeltaKV latents) gets room for the largest request's rows (x extra_rows) in the SAME
+    `kv_cache_bytes`, through an explicit latent_share."""
+    bps = probe.pool.bytes_per_slot
+    rows = max(probe.method.max_rows(n + m) for n, m in zip(LENGTHS, MAX_TOKENS))
+    if rows == 0:
+        return dict(kv_cache_bytes=slots * bps)
+    rb = probe.method.store.row_bytes
+    lat = int(rows * extra_rows + 1) * rb
+    total = slots * bps + lat + rb
+    return dict(kv_cache_bytes=total, latent_share=(lat + rb) / total)
+
+
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(3)
     return [torch.randint(3, 256, (n,), generator=g).tolist() for n in LENGTHS]
@@ -219,8 +233,10 @@ def test_preemption_gives_same_tokens(tiny, method):
     runs, diffs = [], []
     for frac in PREEMPT_POOLS:
         slots = int(need * frac)
-        llm = make_llm(tiny, method, kv_cache_bytes=slots * roomy.pool.bytes_per_slot)
-        assert llm.pool.num_slots == slots
+        llm = make_llm(tiny, method, **budget_for(roomy, slots))
+        assert slots <= llm.pool.num_slots <= slots + 1
+        assert llm.pool.num_slots * llm.pool.bytes_per_slot + llm.kv_stats().get("latent_arena_bytes", 0) \
+            <= llm.kv_budget_bytes  # one budget: slots + latent rows
         events, orig = [], llm.scheduler._preempt
 
         def preempt(seq, orig=orig, events=events):
@@ -315,7 +331,7 @@ def test_slots_needed_is_an_upper_bound(tiny, method, workload):
     if workload == "generate-tight-pool":
         probe = make_llm(tiny, method)
         need = max(probe.method.max_slots(n + m) for n, m in zip(LENGTHS, MAX_TOKENS))
-        over = dict(kv_cache_bytes=need * probe.pool.bytes_per_slot)
+        over = budget_for(probe, need)
     llm = make_llm(tiny, method, **over)
     ledger = StepLedger(llm)
     if workload == "session":

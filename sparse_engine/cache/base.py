@@ -117,6 +117,27 @@ class CacheMethod:
         it fits `max_num_batched_tokens` (SparseX needs every token of a prompt in one forward)."""
         return False
 
+    # A method may keep KV outside the pool's slots (DeltaKV's latent rows). It then claims part of
+    # the run's one KV budget and reports rows like slots, so admission and preemption see them.
+    def claim_budget(self, total_bytes: int) -> int:
+        """Split the run's KV memory budget (`kv_cache_bytes`): return the bytes left for the pool's
+        slots; the method keeps the rest. Default: everything is slots."""
+        return total_bytes
+
+    def rows_needed(self, seq, num_new_tokens: int) -> int:
+        """Rows (outside the pool) a step adding `num_new_tokens` to `seq` may take. Default 0."""
+        return 0
+
+    def rows_free(self) -> int:
+        return 1 << 62
+
+    def max_rows(self, num_tokens: int) -> int:
+        """Peak rows one sequence of `num_tokens` can hold (admission check)."""
+        return 0
+
+    def rows_capacity(self) -> int:
+        return 1 << 62
+
     def max_slots(self, num_tokens: int) -> int:
         """Peak slots one sequence of `num_tokens` can hold (admission check against the pool)."""
         return self.slots_needed(None, num_tokens)

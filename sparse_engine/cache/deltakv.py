@@ -69,6 +69,12 @@ class DeltaKVConfig(MethodConfig):
         deltakv_prefetch: prefetch the next sparse layer's rows (with offload).
         deltakv_cold_after: rows not read for this many steps move to a memory-mapped file; None = off.
         deltakv_cold_dir: directory of that file (default: the system temp dir).
+        latent_share: fraction of `kv_cache_bytes` given to the device tier's latent rows (the rest
+            are pool slots: full layers, sinks, prototypes, recent window, scratch); None = from the
+            geometry: the long-context share of latent bytes per token (full layers + prototypes vs
+            compressed tokens at `row_bytes`). Ignored with `deltakv_offload_latent` (rows on the host).
+        deltakv_host_bytes: budget of the host tier (with offload); None = unbounded.
+        deltakv_disk_bytes: budget of the disk tier (with `deltakv_cold_after`); None = unbounded.
     """
 
     deltakv_path: object = None
@@ -83,6 +89,9 @@ class DeltaKVConfig(MethodConfig):
     deltakv_prefetch: bool = True
     deltakv_cold_after: int | None = None
     deltakv_cold_dir: str | None = None
+    latent_share: float | None = None
+    deltakv_host_bytes: int | None = None
+    deltakv_disk_bytes: int | None = None
 
     def validate(self, spec: ModelSpec) -> None:
         self.latent_dtype = _DTYPE_ALIASES.get(self.latent_dtype, self.latent_dtype)
@@ -103,6 +112,14 @@ class DeltaKVConfig(MethodConfig):
             raise ValueError(f"recent_size must be >= 0, got {self.recent_size}")
         if isinstance(self.decode_compress_block, bool) or int(self.decode_compress_block) < 1:
             raise ValueError(f"decode_compress_block must be a number of tokens >= 1, got {self.decode_compress_block!r}")
+        if self.latent_share is not None and (isinstance(self.latent_share, bool)
+                                              or not 0.0 < float(self.latent_share) < 1.0):
+            raise ValueError(f"latent_share is the fraction of kv_cache_bytes for latent rows, in (0, 1); got "
+                             f"{self.latent_share!r} (None = derived from the compressor's geometry)")
+        for name in ("deltakv_host_bytes", "deltakv_disk_bytes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{name} must be a positive number of bytes (or None = unbounded), got {v!r}")
         if self.deltakv_cold_after is not None and (isinstance(self.deltakv_cold_after, bool)
                                                     or int(self.deltakv_cold_after) < 0):
             raise ValueError(f"deltakv_cold_after must be a number of steps >= 0 (or None), got {self.deltakv_cold_after!r}")
@@ -225,8 +242,8 @@ class DeltaKVCache(CacheMethod):
         max_ord = self._ordinal(torch.tensor([spec.max_position_embeddings])).item()
         codec = LatentCodec(self.compressor.config.kv_compressed_size, cfg.latent_dtype, self.num_fathers,
                             2 if max_ord < 2**15 - 1 else 4)
-        self.store = TieredLatentStore(codec, pool.device, offload=cfg.deltakv_offload_latent,
-                                       cold_after=cfg.deltakv_cold_after, cold_dir=cfg.deltakv_cold_dir)
+        self.codec = codec
+        self.store = self._make_store(None)
         self.prefetcher = Prefetcher(self.store) if cfg.deltakv_offload_latent and cfg.deltakv_prefetch else None
         self.inv_freq = spec.inv_freq.to(pool.device)
         self.rope_scaling = float(spec.rope_attention_scaling)
@@ -431,6 +448,64 @@ class DeltaKVCache(CacheMethod):
                 self.prefetcher.drop(seq.seq_id)
         super().release(seq)
 
+    # ------------------------------------------------------------------ one KV budget
+    def _make_store(self, mem_bytes: int | None) -> TieredLatentStore:
+        cfg = self.config
+        if cfg.deltakv_offload_latent:
+            mem_bytes = cfg.deltakv_host_bytes
+        return TieredLatentStore(self.codec, self.pool.device, offload=cfg.deltakv_offload_latent,
+                                 cold_after=cfg.deltakv_cold_after, cold_dir=cfg.deltakv_cold_dir,
+                                 mem_bytes=mem_bytes, disk_bytes=cfg.deltakv_disk_bytes)
+
+    def auto_latent_share(self) -> float:
+        """Latent bytes / all KV bytes per token of a long sequence: sparse layers keep a prototype
+        every `stride` tokens at full precision and a latent row for the others; full layers keep
+        every token."""
+        proto = 1.0 / self.stride if self.stride else 0.0
+        full = (len(self.full) + len(self.sparse) * proto) * self.spec.num_kv_heads * self.pool.bytes_per_slot
+        lat = len(self.sparse) * (1.0 - proto) * self.store.row_bytes
+        return lat / (full + lat)
+
+    def claim_budget(self, total_bytes: int) -> int:
+        """The device tier's latent rows take `latent_share` of the budget (a fixed arena: nothing
+        grows past it); the pool's slots get the rest. Host / disk tiers have their own budgets."""
+        if self.config.deltakv_offload_latent:
+            return total_bytes  # rows live on the host, under deltakv_host_bytes (set at construction)
+        share = self.config.latent_share if self.config.latent_share is not None else self.auto_latent_share()
+        arena = int(total_bytes * share) // self.store.row_bytes * self.store.row_bytes
+        self.store.close()
+        self.store = self._make_store(arena)
+        self.arena_bytes = arena
+        return total_bytes - arena
+
+    def _compressible(self, upto: int, done: int) -> int:
+        """Tokens compressed once `upto` tokens are cached and `done` were (upper bound: protos counted)."""
+        return max(0, upto - self.config.recent_size - max(done, self.sinks))
+
+    def rows_needed(self, seq, num_new_tokens: int) -> int:
+        kv = getattr(seq, "kv", None)
+        done = kv.state.compressed_upto if kv is not None else 0
+        return self._compressible(seq.num_computed + num_new_tokens, done) * len(self.sparse)
+
+    def rows_free(self) -> int:
+        return self.store.mem.num_free
+
+    def max_rows(self, num_tokens: int) -> int:
+        return self._compressible(num_tokens, 0) * len(self.sparse)
+
+    def rows_capacity(self) -> int:
+        return self.store.mem.limit if self.store.mem.limit is not None else 1 << 62
+
+    def max_slots(self, num_tokens: int) -> int:
+        """Peak slots of one sequence: full layers hold every token; sparse layers sinks, prototypes,
+        the recent window, a decode block and one prefill chunk before it is compressed; plus one
+        layer's scratch (every compressed token, in a prefill step that reconstructs them all)."""
+        chunk = min(num_tokens, getattr(self, "max_chunk", None) or num_tokens)
+        protos = (num_tokens // self.stride + 1) if self.stride else 0
+        per_sparse = min(num_tokens, self.sinks + protos + self.config.recent_size + self.config.decode_compress_block
+                         + chunk)
+        return (len(self.full) * num_tokens + len(self.sparse) * per_sparse + num_tokens) * self.spec.num_kv_heads
+
     # ------------------------------------------------------------------ scheduling
     def _num_latent(self, seq) -> int:
         return seq.kv.state.num_latent if getattr(seq, "kv", None) is not None else 0
@@ -606,6 +681,10 @@ class DeltaKVCache(CacheMethod):
         full = self.pool.num_used * self.pool.bytes_per_slot
         return {
             "latent_row_bytes": self.store.row_bytes,
+            "latent_rows_capacity": self.store.mem.limit,
+            "latent_rows_used": self.store.mem.used,
+            "latent_rows_peak": self.store.mem.peak,
+            "latent_arena_bytes": getattr(self, "arena_bytes", 0),
             "latent_dtype": self.config.latent_dtype,
             "latent_bytes_device": tiers["device"],
             "latent_bytes_host": tiers["host"],

@@ -36,6 +36,15 @@ class KVPool:
         self._top = num_slots
         self.peak_used = 0  # high-water mark of used slots (benchmarks reset it per run)
 
+    def resize(self, num_slots: int) -> None:
+        """Re-create the pool with `num_slots` slots (only while nothing is allocated: the engine
+        sizes it once, after the cache method has claimed its share of the KV budget)."""
+        if self.num_used:
+            raise RuntimeError("KVPool.resize with slots in use")
+        dtype, device, d = self.dtype, self.device, self.head_dim
+        self.k = self.v = self.pos = self.refcount = self._free = None  # free the old tensors first
+        self.__init__(num_slots, d, dtype, device)
+
     # ------------------------------------------------------------------ accounting
     @property
     def bytes_per_slot(self) -> int:

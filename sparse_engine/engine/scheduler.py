@@ -50,10 +50,15 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
+    def _fits(self, need: int, rows: int, reserved: int, reserved_rows: int) -> bool:
+        return self.pool.num_free - reserved >= need and self.method.rows_free() - reserved_rows >= rows
+
     def schedule(self) -> list[tuple[Sequence, int]]:
+        """Pool slots AND the method's rows outside the pool (DeltaKV latents) are both reserved for
+        the step; whichever runs short preempts the youngest running sequence."""
         budget = self.config.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
-        reserved = 0
+        reserved = reserved_rows = 0
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -61,14 +66,15 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            need = self.method.slots_needed(seq, n)
-            while self.pool.num_free - reserved < need and self.running[-1] is not seq:
+            need, rows = self.method.slots_needed(seq, n), self.method.rows_needed(seq, n)
+            while not self._fits(need, rows, reserved, reserved_rows) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
-            if self.pool.num_free - reserved < need:
+            if not self._fits(need, rows, reserved, reserved_rows):
                 self._preempt(seq)  # even alone it does not fit now; retry when others finish
                 continue
             batch.append((seq, n))
             reserved += need
+            reserved_rows += rows
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -76,8 +82,8 @@ class Scheduler:
             n = self._chunk(seq, budget)
             if n == 0:
                 break
-            need = self.method.slots_needed(seq, n)
-            if self.pool.num_free - reserved < need:
+            need, rows = self.method.slots_needed(seq, n), self.method.rows_needed(seq, n)
+            if not self._fits(need, rows, reserved, reserved_rows):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -86,13 +92,15 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             reserved += need
+            reserved_rows += rows
             budget -= n
         if not batch and self.waiting and not self.running:
             seq = self.waiting[0]
+            n = self._chunk(seq, self.config.max_num_batched_tokens)
             raise RuntimeError(
-                f"Request {seq.seq_id} cannot be scheduled: it needs "
-                f"{self.method.slots_needed(seq, self._chunk(seq, self.config.max_num_batched_tokens))} KV "
-                f"slots for one chunk, the pool has {self.pool.num_free} free of {self.pool.num_slots}. "
+                f"Request {seq.seq_id} cannot be scheduled: it needs {self.method.slots_needed(seq, n)} KV slots "
+                f"and {self.method.rows_needed(seq, n)} latent rows for one chunk, the pool has {self.pool.num_free} "
+                f"free slots of {self.pool.num_slots} ({self.method.rows_free()} rows free). "
                 "Raise kv_cache_bytes or lower chunk_prefill_size."
             )
         return batch

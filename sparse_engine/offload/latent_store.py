@@ -103,14 +103,27 @@ class LatentCodec:
         return lat, fathers
 
 
+class LatentTierFull(RuntimeError):
+    """A latent tier has no room left (its byte budget is spent)."""
+
+
 class _RowArena:
-    """Growable [capacity, row_bytes] uint8 rows with a free stack (one tier).
+    """[capacity, row_bytes] uint8 rows with a free stack (one tier): growable, up to `limit` rows
+    when a byte budget bounds the tier (then `fixed=True` allocates all of it at once, so growth never
+    holds two copies: the device tier inside `kv_cache_bytes`).
 
     With `path` the rows live in a memory-mapped file (`path`.<capacity>), re-created larger on growth.
     """
 
-    def __init__(self, row_bytes: int, device, pin: bool = False, path: str | None = None, capacity: int = 256):
+    def __init__(self, row_bytes: int, device, pin: bool = False, path: str | None = None, capacity: int = 256,
+                 limit: int | None = None, fixed: bool = False, name: str = "latent"):
         self.row_bytes, self.device, self.pin, self.path = row_bytes, torch.device(device), pin, path
+        self.limit, self.name = limit, name
+        self.peak = 0
+        if limit is not None and fixed:
+            capacity = limit
+        elif limit is not None:
+            capacity = min(capacity, limit)
         self.used = 0
         self.capacity = 0
         self.data = None
@@ -119,10 +132,19 @@ class _RowArena:
         self._free: list[int] = []
         self._grow(capacity)
 
+    @property
+    def num_free(self) -> int:
+        return (self.limit if self.limit is not None else 1 << 62) - self.used
+
     def _grow(self, need: int) -> None:
         if need <= self.capacity:
             return
+        if self.limit is not None and need > self.limit:
+            raise LatentTierFull(f"the {self.name} tier holds at most {self.limit} rows ({self.limit * self.row_bytes} "
+                                 f"bytes) and {need} are needed: raise its budget")
         cap = max(need, 2 * self.capacity, 256)
+        if self.limit is not None:
+            cap = min(cap, self.limit)
         old_cap = self.capacity
         if self.path is not None:
             file = f"{self.path}.{cap}"
@@ -147,6 +169,7 @@ class _RowArena:
         idx = self._free[len(self._free) - n :][::-1]
         del self._free[len(self._free) - n :]
         self.used += n
+        self.peak = max(self.peak, self.used)
         return torch.tensor(idx, dtype=torch.long)
 
     def give(self, idx: torch.Tensor) -> None:
@@ -180,19 +203,22 @@ class TieredLatentStore:
     """
 
     def __init__(self, codec: LatentCodec, device, offload: bool = False, cold_after: int | None = None,
-                 cold_dir: str | None = None):
+                 cold_dir: str | None = None, mem_bytes: int | None = None, disk_bytes: int | None = None):
         self.codec = codec
         self.device = torch.device(device)
         self.mem_tier = WARM if offload else HOT
         mem_device = torch.device("cpu") if offload else self.device
-        self.mem = _RowArena(codec.row_bytes, mem_device, pin=offload and self.device.type == "cuda")
+        self.mem = _RowArena(codec.row_bytes, mem_device, pin=offload and self.device.type == "cuda",
+                             limit=None if mem_bytes is None else mem_bytes // codec.row_bytes,
+                             fixed=not offload, name="host" if offload else "device")
         self.cold_after = cold_after
         self.disk = None
         if cold_after is not None:
             fd, path = tempfile.mkstemp(prefix="deltakv_cold_", suffix=".u8", dir=cold_dir)
             os.close(fd)
             os.remove(path)
-            self.disk = _RowArena(codec.row_bytes, "cpu", path=path)
+            self.disk = _RowArena(codec.row_bytes, "cpu", path=path, name="disk",
+                                  limit=None if disk_bytes is None else disk_bytes // codec.row_bytes)
         # handle -> (tier, row index, last step read, references: session forks share rows)
         self.tier = torch.zeros(0, dtype=torch.int8)
         self.refs = torch.zeros(0, dtype=torch.int32)
@@ -303,7 +329,7 @@ class TieredLatentStore:
         if self._free_handles:
             live[torch.tensor(self._free_handles, dtype=torch.long)] = False
         idle = live & (self.tier != COLD) & (self.last < self.clock - self.cold_after)
-        h = idle.nonzero().squeeze(1)
+        h = idle.nonzero().squeeze(1)[: self.disk.num_free]  # a full disk tier just stops demoting
         if len(h) == 0:
             return
         midx = self.index[h]
