@@ -184,9 +184,10 @@ class CacheMethod:
 
     def write_layer(self, plan, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None) -> None:
         """One scatter per layer: the batch's new K (after RoPE) and V [N, Hkv, D] into their slots."""
-        idx, d = plan.write_slots[layer], self.spec.head_dim
-        self.pool.k.index_copy_(0, idx, k.reshape(-1, d).to(self.pool.dtype))
-        self.pool.v.index_copy_(0, idx, v.reshape(-1, d).to(self.pool.dtype))
+        idx, d, dt = plan.write_slots[layer], self.spec.head_dim, self.pool.dtype
+        k, v = k.reshape(-1, d), v.reshape(-1, d)
+        self.pool.k.index_copy_(0, idx, k if k.dtype == dt else k.to(dt))
+        self.pool.v.index_copy_(0, idx, v if v.dtype == dt else v.to(dt))
 
     def layer_view(self, plan, layer: int, group) -> BatchView:
         """The read table of `layer` for `group` (default: everything the sequences hold)."""
