@@ -11,6 +11,13 @@ Workloads (`--workload`):
 * `mixed`: `--num_requests` requests with lengths drawn (seeded, uniform) from `--min_len..--max_len`
   arrive together; the engine runs them with continuous batching, HF (`--hf`) in padded batches of
   `--hf_batch` in arrival order (`benchmark/mixed.py`). Results: `results_mixed.md` / `.csv`.
+* `budget`: `--num_requests` (16) long NIAH requests (`--lengths`, 4096 tokens; benchmark/niah haystacks, a
+  needle at a different depth in each) arrive together under ONE `--kv_cache_bytes` (default: vanilla fits
+  `--vanilla_fit` 1.5 sequences); per method: wall time, requests / min, output tok/s, peak concurrent
+  sequences past prefill, preemptions, KV bytes per sequence (and / vanilla), peak slots and latent rows,
+  NIAH score of the same requests. Variants `deltakv:int8,deltakv:int4` (knobs keyed by variant);
+  `--match_bytes` gives snapkv / pyramidkv DeltaKV's bytes per sequence (`benchmark/budget.py`).
+  Results: `results_budget.md` / `.csv`.
 
 `--ops` counts the top-level torch ops (`torch.profiler`, CPU activity) of one pure decode step: one
 `llm.step()` for the engine, one decode forward + greedy argmax for HF (with `--hf`), at batch 1 and every
@@ -22,6 +29,8 @@ threads (`--threads`), same dtype (the engine's: float32 on CPU), same device.
 
     deltakv-bench --methods vanilla,snapkv --lengths 512,2048 --batch_sizes 1,4 --decode_tokens 32 --hf --ops
     deltakv-bench --workload mixed --num_requests 32 --hf --hf_batch 8
+    deltakv-bench --workload budget --methods vanilla,snapkv,deltakv --match_bytes \
+        --method_knobs '{"deltakv": {"deltakv_path": "runs/smoke/compressor", "latent_dtype": "int4"}}'
     deltakv-bench --methods deltakv --method_knobs '{"deltakv": {"deltakv_path": "runs/smoke/compressor"}}'
     deltakv-bench --model benchmark/configs/qwen2_5_7b --random_weights --lengths 32768   # GPU
 """
@@ -371,7 +380,7 @@ def _free(llm) -> None:
 def bench(
     model: str | None = None,
     methods: str = "vanilla",
-    lengths: str = "256,1024",
+    lengths: str | None = None,
     batch_sizes: str = "1,4",
     decode_tokens: int = 32,
     hf: bool = False,
@@ -382,7 +391,7 @@ def bench(
     tokenizer: str | None = None,
     *,
     workload: str = "fixed",
-    num_requests: int = 32,
+    num_requests: int | None = None,
     min_len: int = 64,
     max_len: int = 2048,
     mixed_seed: int = 0,
@@ -390,17 +399,22 @@ def bench(
     ops: bool = False,
     ops_len: int | None = None,
     threads: int | None = None,
+    vanilla_fit: float = 1.5,
+    match_bytes: str | None = None,
+    niah_seed: int = 0,
     method_knobs: str | dict | None = None,
     command: str | None = None,
     **engine_knobs,
 ) -> list[dict]:
     """Run a workload and return its rows (fixed: one per method x prompt length x batch size; mixed: one
-    per method + one HF row). See `deltakv-bench --help` for every argument.
+    per method + one HF row; budget: one per prompt length x method variant). See `deltakv-bench --help`
+    for every argument.
 
     Args:
         model: local HF folder or short name (default: the shipped SmolLM2-135M).
         methods: comma list of cache methods (any name of `sparse_engine.cache.registry.METHODS`).
-        lengths / batch_sizes: comma lists of prompt lengths (tokens) and batch sizes (fixed workload).
+        lengths / batch_sizes: comma lists of prompt lengths (tokens) and batch sizes (fixed workload;
+            lengths default 256,1024; budget workload: 4096).
         decode_tokens: tokens generated per sequence (greedy, EOS ignored), at least 2.
         hf: also run HF transformers on the same prompts and report the ratios.
         random_weights: random weights of the folder's config.json shapes (no weights needed).
@@ -408,7 +422,9 @@ def bench(
         out: folder of the results files (rewritten after every configuration).
         warmup: one short untimed run first (allocator, compilation).
         tokenizer: folder of the tokenizer used to make prompts (default: the model's, else the shipped one).
-        workload: "fixed" or "mixed" (num_requests, min_len, max_len, mixed_seed, hf_batch).
+        workload: "fixed", "mixed" (num_requests (32), min_len, max_len, mixed_seed, hf_batch) or "budget"
+            (num_requests (16), lengths, vanilla_fit, match_bytes, niah_seed; methods may be variants
+            `deltakv:int4` with knobs keyed by the variant name; see benchmark/budget.py).
         ops: count top-level torch ops of one decode step (batch 1 and batch_sizes, at ops_len tokens:
             default the smallest of lengths).
         threads: torch threads for the engine and HF (default: torch's).
@@ -421,11 +437,20 @@ def bench(
     knobs = _parse_knobs(knobs)
     for m, kv in _parse_knobs(method_knobs).items():
         knobs.setdefault(m, {}).update(kv)
+    if workload not in ("fixed", "mixed", "budget"):
+        raise BenchConfigError(f"--workload must be 'fixed', 'mixed' or 'budget', got {workload!r}")
+    lengths_arg, num_requests_arg = lengths, num_requests  # the command line shows what was given
+    if lengths is None:
+        lengths = "4096" if workload == "budget" else "256,1024"
+    if num_requests is None:
+        num_requests = 16 if workload == "budget" else 32
     methods_l, lengths_l, batches_l = _as_list(methods), _as_list(lengths, int), _as_list(batch_sizes, int)
-    if workload not in ("fixed", "mixed"):
-        raise BenchConfigError(f"--workload must be 'fixed' or 'mixed', got {workload!r}")
     if ops and workload != "fixed":
-        raise BenchConfigError("--ops counts decode-step ops with the fixed workload: drop --workload mixed")
+        raise BenchConfigError(f"--ops counts decode-step ops with the fixed workload: drop --workload {workload}")
+    if workload == "budget" and hf:
+        raise BenchConfigError("--workload budget runs the engine only: drop --hf")
+    if workload == "budget" and len(set(lengths_l)) != len(lengths_l):
+        raise BenchConfigError(f"--lengths lists a length twice: {lengths}")
     if int(decode_tokens) < 2:
         raise BenchConfigError(f"--decode_tokens must be >= 2 (one prefill token + decode steps), got {decode_tokens}")
     if any(v <= 0 for v in lengths_l + batches_l) or not lengths_l or not batches_l:
@@ -436,19 +461,30 @@ def bench(
         random_weights = True
     engine_knobs.pop("load_format", None)
     if command is None:
-        command = equivalent_command(dict(model=model, methods=methods, lengths=lengths, batch_sizes=batch_sizes,
+        command = equivalent_command(dict(model=model, methods=methods, lengths=lengths_arg, batch_sizes=batch_sizes,
                                           decode_tokens=decode_tokens, hf=hf, random_weights=random_weights,
                                           method_knobs=knobs, out=out, warmup=warmup, tokenizer=tokenizer,
-                                          workload=workload, num_requests=num_requests, min_len=min_len,
+                                          workload=workload, num_requests=num_requests_arg, min_len=min_len,
                                           max_len=max_len, mixed_seed=mixed_seed, hf_batch=hf_batch, ops=ops,
-                                          ops_len=ops_len, threads=threads, **engine_knobs))
+                                          ops_len=ops_len, threads=threads, vanilla_fit=vanilla_fit,
+                                          match_bytes=match_bytes, niah_seed=niah_seed, **engine_knobs))
     if random_weights:
         engine_knobs["load_format"] = "random"
     path = resolve_model_path(model)
     spec = _model_spec(path)
-    check_methods(methods_l, knobs, spec)
+    if workload == "budget":  # variants (deltakv:int4) are checked there, knobs keyed by variant
+        from .budget import bench_budget, parse_variants
+
+        parse_variants(methods_l, knobs)
+    else:
+        check_methods(methods_l, knobs, spec)
     tok = _tokenizer_for(Path(tokenizer) if tokenizer else path)
     engine_knobs.setdefault("chunk_prefill_size", 4096)
+    if workload == "budget":
+        return bench_budget(path, tok, spec, methods_l, knobs, engine_knobs, lengths=lengths_l,
+                            decode_tokens=int(decode_tokens), num_requests=int(num_requests),
+                            vanilla_fit=float(vanilla_fit), match_bytes=match_bytes, niah_seed=int(niah_seed),
+                            warmup=warmup, out=Path(out), command=command)
     if workload == "mixed":
         from .mixed import bench_mixed
 
@@ -535,10 +571,10 @@ def _bench_fixed(path, tok, spec, methods_l, lengths_l, batches_l, decode_tokens
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-_DEFAULTS = dict(model=None, methods="vanilla", lengths="256,1024", batch_sizes="1,4", decode_tokens=32, hf=False,
+_DEFAULTS = dict(model=None, methods="vanilla", lengths=None, batch_sizes="1,4", decode_tokens=32, hf=False,
                  random_weights=False, method_knobs={}, out="runs/bench", warmup=True, tokenizer=None,
-                 workload="fixed", num_requests=32, min_len=64, max_len=2048, mixed_seed=0, hf_batch=8, ops=False,
-                 ops_len=None, threads=None)
+                 workload="fixed", num_requests=None, min_len=64, max_len=2048, mixed_seed=0, hf_batch=8, ops=False,
+                 ops_len=None, threads=None, vanilla_fit=1.5, match_bytes=None, niah_seed=0)
 
 
 def _env_prefix() -> str:
@@ -606,16 +642,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help='method knobs, e.g. \'{"deltakv": {"deltakv_path": "runs/smoke/compressor"}, '
                         '"snapkv": {"budget": 256}}\'')
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",
+    g.add_argument("--workload", choices=["fixed", "mixed", "budget"], default="fixed",
                    help="fixed: equal-length batches over --lengths x --batch_sizes; mixed: --num_requests "
-                        "requests of seeded random lengths arriving together")
-    g.add_argument("--lengths", default="256,1024", help="fixed: comma list of prompt lengths (tokens)")
+                        "requests of seeded random lengths arriving together; budget: --num_requests long NIAH "
+                        "requests arriving together under one --kv_cache_bytes (benchmark/budget.py)")
+    g.add_argument("--lengths", default=None,
+                   help="fixed: comma list of prompt lengths (tokens), default 256,1024; budget: NIAH prompt "
+                        "length(s), default 4096 (one table block per length)")
     g.add_argument("--batch_sizes", default="1,4", help="fixed: comma list of batch sizes")
     g.add_argument("--decode_tokens", type=int, default=32, help="greedy tokens per request (EOS ignored)")
-    g.add_argument("--num_requests", type=int, default=32, help="mixed: number of requests")
+    g.add_argument("--num_requests", type=int, default=None,
+                   help="mixed: number of requests (default 32); budget: NIAH requests per length (default 16)")
     g.add_argument("--min_len", type=int, default=64, help="mixed: shortest prompt (tokens)")
     g.add_argument("--max_len", type=int, default=2048, help="mixed: longest prompt (tokens)")
     g.add_argument("--mixed_seed", type=int, default=0, help="mixed: seed of the prompt lengths")
+    g.add_argument("--vanilla_fit", type=float, default=1.5,
+                   help="budget: without --kv_cache_bytes the budget holds this many vanilla sequences of prompt + "
+                        "output tokens: fit x tokens x layers x kv_heads x head_dim x 2 x dtype bytes")
+    g.add_argument("--match_bytes", nargs="?", const="auto", default=None, metavar="VARIANT",
+                   help="budget: give snapkv / pyramidkv / adakv the `budget` knob (tokens per layer and KV head) "
+                        "= VARIANT's KV bytes per sequence / (layers x kv_heads x bytes_per_slot); VARIANT: a "
+                        "deltakv entry of --methods (run first), default the first one")
+    g.add_argument("--niah_seed", type=int, default=0, help="budget: seed of the NIAH needles and haystacks")
     g = p.add_argument_group("comparison and measurement")
     g.add_argument("--hf", action=argparse.BooleanOptionalAction, default=False,
                    help="also run HF transformers (one timed generate per batch) and report the ratios")
