@@ -57,3 +57,19 @@ def test_kv_stats_accounting(tiny_model_factory):
     while llm.scheduler.has_work():
         llm.step()
     assert llm.kv_stats()["slots_used"] == 0
+
+
+def test_prompt_in_progress_waits_instead_of_thrashing(tiny_model_factory):
+    """A prefilling sequence whose next chunk does not fit keeps its KV and waits while an older one
+    decodes; a sequence preempted in a step is not re-admitted in that same step. Before, the younger
+    prompt freed its chunks and restarted every step (5 preemptions here)."""
+    path = tiny_model_factory("llama")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (160,), generator=g).tolist() for _ in range(2)]
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    budget = int(1.5 * 168) * 4 * 2 * 2 * 16 * 4  # 1.5 sequences: tokens x layers x kv heads x (k, v) x D x fp32
+    roomy = LLM(path, dtype="float32", chunk_prefill_size=32).generate(prompts, sp, use_tqdm=False)
+    llm = LLM(path, dtype="float32", chunk_prefill_size=32, kv_cache_bytes=budget)
+    out = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o["token_ids"] for o in out] == [o["token_ids"] for o in roomy]
+    assert llm.kv_stats()["num_preemptions"] <= 1 and llm.kv_stats()["slots_used"] == 0

@@ -22,6 +22,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._preempted_now: set[int] = set()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -42,6 +43,7 @@ class Scheduler:
         return n
 
     def _preempt(self, seq: Sequence) -> None:
+        self._preempted_now.add(seq.seq_id)
         self.method.release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
@@ -59,6 +61,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
         reserved = reserved_rows = 0
+        preempted = self._preempted_now = set()  # not re-admitted in the step that preempted them (thrash)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -70,6 +73,9 @@ class Scheduler:
             while not self._fits(need, rows, reserved, reserved_rows) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
             if not self._fits(need, rows, reserved, reserved_rows):
+                if batch and seq.num_computed < seq.num_prompt_tokens:
+                    i += 1  # a prompt in progress waits, KV kept, while older sequences run and free room
+                    continue
                 self._preempt(seq)  # even alone it does not fit now; retry when others finish
                 continue
             batch.append((seq, n))
@@ -79,6 +85,8 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.seq_id in preempted and self.running:
+                break
             n = self._chunk(seq, budget)
             if n == 0:
                 break
