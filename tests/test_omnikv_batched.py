@@ -61,6 +61,7 @@ def test_batch_equals_each_alone(tiny, case):
     knobs = CASES[case]
     prompts = _prompts()
     llm = _llm(tiny, case)
+    llm.method.prefill_together = True  # cover padded multi-sequence prefill groups (the default is one per chunk)
     steps = []
     orig = llm.method.begin_step
 

@@ -68,6 +68,9 @@ class BatchView:
 class CacheMethod:
     name = "vanilla"
     Config = MethodConfig
+    # Prefill chunks of a step attend as one padded group (True) or one group each (default: on CPU
+    # each chunk then takes the causal fast path with no padding).
+    prefill_together = False
 
     def __init__(self, config: MethodConfig, spec: ModelSpec, pool: KVPool, sliding_window: int | None = None):
         config.validate(spec)

@@ -298,6 +298,8 @@ class StreamingCache(CacheMethod):
             yield v, slice(start, start + c)
             start += c
 
+    prefill_together = True  # its windowed chunk attention handles the step's chunks as one group
+
     def _window(self, plan, held: torch.Tensor, r: torch.Tensor) -> _StepWindow | None:
         """The prefill group's windowed layers (a chunk overflows the ring) and its pre-step keys."""
         group = next((g for g in plan.groups if not g.decode), None)

@@ -21,7 +21,7 @@ class ModelRunner:
         """The step plan: flat tokens, positions, RoPE, row groups; then the method allocates the
         step's slots in every layer and builds the read tables (batched methods), or the per-sequence
         context is attached (methods still on the per-sequence hooks)."""
-        plan = build_plan(batch, self.spec, self.device)
+        plan = build_plan(batch, self.spec, self.device, prefill_together=self.method.prefill_together)
         plan.method = self.method
         plan.batched = self.method.batched(plan)
         if plan.batched:

@@ -93,7 +93,7 @@ def _group(bidx: list[int], plan_cu: list[int], positions: torch.Tensor, decode:
     return RowGroup(bidx, n, rows_dev, valid_dev, flat, positions[rows_dev], decode)
 
 
-def build_plan(batch, spec, device, split_groups: bool = True) -> StepPlan:
+def build_plan(batch, spec, device, split_groups: bool = True, prefill_together: bool = False) -> StepPlan:
     """Flatten the scheduler's batch [(seq, n)] into one step plan (host work, one copy per tensor)."""
     ids, pos, cu, logit_rows, samplers = [], [], [0], [], []
     for seq, n in batch:
@@ -112,8 +112,10 @@ def build_plan(batch, spec, device, split_groups: bool = True) -> StepPlan:
         input_ids=torch.tensor(ids, dtype=torch.long).to(device), positions=positions, cos=cos, sin=sin,
         logit_rows=torch.tensor(logit_rows, dtype=torch.long).to(device), samplers=samplers, all_decode=all_decode,
     )
-    # Decode rows attend as one [B, 1] group; prefill chunks as one padded [G, n] group, so a long
-    # chunk never pads the decode rows to its length.
+    # Decode rows attend as one [B, 1] group. Each prefill chunk is its own group: chunks of different
+    # lengths padded into one [G, n] block cost more than they save on CPU (explicit masks over the
+    # padding, no causal fast path), and a step holds few chunks (max_num_batched_tokens /
+    # chunk_prefill_size); on CUDA a varlen kernel would take them all in one call.
     if split_groups:
         dec = [b for b, (s, n) in enumerate(batch) if n == 1]
         pre = [b for b, (s, n) in enumerate(batch) if n != 1]
@@ -121,6 +123,6 @@ def build_plan(batch, spec, device, split_groups: bool = True) -> StepPlan:
         dec, pre = [], list(range(len(batch)))
     if dec:
         plan.groups.append(_group(dec, cu, positions, True, device))
-    if pre:
-        plan.groups.append(_group(pre, cu, positions, False, device))
+    for part in ([pre] if prefill_together and pre else [[b] for b in pre]):
+        plan.groups.append(_group(part, cu, positions, False, device))
     return plan
