@@ -108,3 +108,27 @@ def test_pool_refcounts():
     assert pool.num_free == 8
     with pytest.raises(RuntimeError, match="freed more times"):
         pool.free(a[:1])
+
+
+def test_min_tokens_masks_eos_like_hf(tiny_model_factory):
+    """min_tokens: EOS (and stop ids) cannot end the output early; equal to HF's min_new_tokens."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = list(range(5, 40))
+    first = LLM(tiny_model_factory("llama"), dtype="float32").generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)[0]["token_ids"][0]
+    path = tiny_model_factory("llama", eos_token_id=first)  # same weights: the greedy first token is now EOS
+    llm = LLM(path, dtype="float32")
+    plain = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)[0]
+    assert plain["token_ids"] == [first] and plain["finish_reason"] == "stop"
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3), use_tqdm=False)[0]
+    assert len(out["token_ids"]) >= 3 and first not in out["token_ids"][:3]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=8, min_new_tokens=3, do_sample=False, eos_token_id=first, pad_token_id=0)
+    want = ref[0, len(prompt):].tolist()
+    if first in want[3:]:  # HF pads after EOS; the engine stops at it
+        want = want[: want.index(first, 3) + 1]
+    assert out["token_ids"] == want
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
