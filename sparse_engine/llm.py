@@ -94,6 +94,13 @@ class LLM:
             self.model = random_model(self.spec, self.dtype, self.device, cfg.seed)
         else:
             self.model = load_model(self.model_path, self.spec, self.dtype, self.device)
+        from .layers.linear import mkldnn_available
+
+        if cfg.cpu_decode_weights == "mkldnn" and not mkldnn_available(self.device, self.dtype):
+            raise ValueError("cpu_decode_weights='mkldnn' needs device='cpu', dtype float32 and a torch built with "
+                             "oneDNN; use 'auto' or 'dense'")
+        if cfg.cpu_decode_weights != "dense" and mkldnn_available(self.device, self.dtype):
+            self.model.enable_mkldnn_decode()
         self.kv_budget_bytes = self._kv_budget_bytes()
         self.pool = KVPool(self.kv_budget_bytes // self._bytes_per_slot(), self.spec.head_dim, self.dtype, self.device)
         self.method = method_cls(method_cls.make_config(**method_knobs), self.spec, self.pool,

@@ -181,21 +181,25 @@ class CacheMethod:
                 g.dense = len(ends) == 1 and len({plan.num_new[b] for b in g.bidx}) == 1 and \
                     bool((g.lens_host == t).all()) and t == ends.pop()
             g.kv_valid = torch.arange(t, device=g.lens.device) < g.lens[..., None]
+            # per-layer views made once per step (a layer then indexes a Python list: no op)
+            g.per_layer = list(zip(g.table.unbind(1), g.lens.unbind(1), g.kv_valid.unbind(1)))
 
     def end_step(self, plan) -> None:
         """After the step's forward (host): release per-step resources (e.g. scratch slots)."""
 
     def write_layer(self, plan, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None) -> None:
         """One scatter per layer: the batch's new K (after RoPE) and V [N, Hkv, D] into their slots."""
-        idx, d, dt = plan.write_slots[layer], self.spec.head_dim, self.pool.dtype
+        if plan.write_slots_l is None:
+            plan.write_slots_l = plan.write_slots.unbind(0)
+        idx, d, dt = plan.write_slots_l[layer], self.spec.head_dim, self.pool.dtype
         k, v = k.reshape(-1, d), v.reshape(-1, d)
         self.pool.k.index_copy_(0, idx, k if k.dtype == dt else k.to(dt))
         self.pool.v.index_copy_(0, idx, v if v.dtype == dt else v.to(dt))
 
     def layer_view(self, plan, layer: int, group) -> BatchView:
         """The read table of `layer` for `group` (default: everything the sequences hold)."""
-        return BatchView(group.table[:, layer], group.lens[:, layer], valid=group.kv_valid[:, layer],
-                         dense=group.dense)
+        table, lens, valid = group.per_layer[layer]
+        return BatchView(table, lens, valid=valid, dense=group.dense)
 
     def observe_layer(self, plan, layer: int, group, q: torch.Tensor, view: BatchView, kv) -> None:
         """After a group's attention: q [N, Hq, D] (the step's flat queries), `kv` = (k [G, Hkv, T, D],

@@ -286,7 +286,8 @@ class StreamingCache(CacheMethod):
             write[dl_d, dt_d] = self._trash[0]
         plan.write_slots = write.view(L, N * H)
         self.build_tables(plan)
-        plan.method_data = self._window(plan, held, r)  # reads the slots' positions before the write below
+        # per prefill group: its windowed layers and pre-step keys (read before the write below)
+        plan.method_data = [w for w in (self._window(plan, g, held, r) for g in plan.groups if not g.decode) if w]
         pool.pos.index_copy_(0, plan.write_slots.reshape(-1), plan.positions[None, :, None].expand(L, N, H).reshape(-1))
 
     @staticmethod
@@ -298,13 +299,8 @@ class StreamingCache(CacheMethod):
             yield v, slice(start, start + c)
             start += c
 
-    prefill_together = True  # its windowed chunk attention handles the step's chunks as one group
-
-    def _window(self, plan, held: torch.Tensor, r: torch.Tensor) -> _StepWindow | None:
-        """The prefill group's windowed layers (a chunk overflows the ring) and its pre-step keys."""
-        group = next((g for g in plan.groups if not g.decode), None)
-        if group is None:
-            return None
+    def _window(self, plan, group, held: torch.Tensor, r: torch.Tensor) -> _StepWindow | None:
+        """A prefill group's windowed layers (a chunk overflows the ring) and its pre-step keys."""
         layers = (r[group.bidx] > 0).any(0).tolist()
         if not any(layers):
             return None
@@ -321,17 +317,21 @@ class StreamingCache(CacheMethod):
         return _StepWindow(group, layers, t, kpos, valid, lens)
 
     def forward_layer(self, plan, layer, q, k, v, k_pre):
-        win = plan.method_data
-        if win is None or not win.layers[layer]:
+        wins = {id(w.group): w for w in (plan.method_data or ()) if w.layers[layer]}
+        if not wins:
             return super().forward_layer(plan, layer, q, k, v, k_pre)
-        table = win.group.table[:, layer, :, : win.t_cache]
-        cached = (self.pool.k[table], self.pool.v[table])  # before this layer's ring overwrites
+        cached = {}
+        for gid, win in wins.items():
+            table = win.group.table[:, layer, :, : win.t_cache]
+            cached[gid] = (self.pool.k[table], self.pool.v[table])  # before this layer's ring overwrites
         self.write_layer(plan, layer, k, v, k_pre)
-        if len(plan.groups) == 1 and win.group.flat_rows is None:
-            return self._attend_chunk(plan, layer, win, q, k, v, *cached)
+        if len(plan.groups) == 1 and plan.groups[0].flat_rows is None:
+            win = wins[id(plan.groups[0])]
+            return self._attend_chunk(plan, layer, win, q, k, v, *cached[id(win.group)])
         out = torch.empty_like(q)
-        for group in plan.groups:  # the decode rows (plain) and the prefill chunks (windowed)
-            o = (self._attend_chunk(plan, layer, win, q, k, v, *cached) if group is win.group
+        for group in plan.groups:  # the decode rows (plain) and the prefill chunks (windowed or plain)
+            win = wins.get(id(group))
+            o = (self._attend_chunk(plan, layer, win, q, k, v, *cached[id(group)]) if win is not None
                  else self._attend(plan, layer, group, q))
             out.index_copy_(0, group.flat_rows, o)
         return out

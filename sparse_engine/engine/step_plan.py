@@ -36,6 +36,7 @@ class RowGroup:
     lens: torch.Tensor | None = None
     lens_host: torch.Tensor | None = None
     dense: bool = False  # prefill: every table holds positions 0..T-1 in order, same n and T (set by the method)
+    per_layer: list | None = None  # [(table, lens, valid) of each layer]: unbound once per step
     kv_valid: torch.Tensor | None = None  # [G, L, Hkv, T] entries < lens: decode masks, built once per step
 
     @property
@@ -58,6 +59,7 @@ class StepPlan:
     all_decode: bool
     groups: list[RowGroup] = field(default_factory=list)
     write_slots: torch.Tensor | None = None  # [L, N * Hkv]: slot of (token, head) in every layer
+    write_slots_l: tuple | None = None  # write_slots.unbind(0), made at the first layer
     batched: bool = True  # False: this step runs the method's per-sequence hooks
     method: object = None  # the CacheMethod
     method_data: object = None  # a method's per-step tensors (e.g. OmniKV's selection)

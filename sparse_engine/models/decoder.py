@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rope, apply_rope_fast
 from .spec import ModelSpec
@@ -66,9 +67,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         h, d = spec.hidden_size, spec.head_dim
         self.q_size, self.kv_size = spec.num_heads * d, spec.num_kv_heads * d
-        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
         self.qkv_proj.shard_sizes = [self.q_size, self.kv_size, self.kv_size]
-        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        self.o_proj = Linear(spec.num_heads * d, h, bias=False)
         if spec.qk_norm:
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
@@ -110,9 +111,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.gate_up_proj.shard_sizes = [spec.intermediate_size, spec.intermediate_size]
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -145,9 +146,16 @@ class CausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def enable_mkldnn_decode(self) -> int:
+        """Give every linear a oneDNN weight copy for small-row calls (decode); returns how many."""
+        mods = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in mods:
+            m.enable_mkldnn()
+        return len(mods)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, plan) -> torch.Tensor:
