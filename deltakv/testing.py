@@ -49,3 +49,35 @@ def make_tiny_model(path: str | Path, texts: list[str] | None = None, model_type
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(path))
     return path
+
+
+def tiny_compressor(latent: int | None = None, seed: int = 0, layers=(1, 2, 3), full=(0,), reference=None,
+                    num_layers: int = 4, num_kv_heads: int = 2, head_dim: int = 16):
+    """A DeltaKV compressor for a tiny model: `latent=None` is identity-like (latent width = joined
+    width, down = an orthogonal Q, up = Q^T: lossless); else a lossy linear one of that latent width
+    (orthonormal down rows, up = down^T, the best rank-r inverse). Default reference: 4 sinks, stride
+    4, 2 fathers."""
+    import torch
+
+    from .compressor import CompressorConfig, DeltaKVCompressor
+    from .reference import ReferenceSpec
+
+    width = 2 * num_kv_heads * head_dim
+    ref = reference if reference is not None else ReferenceSpec(num_sinks=4, cluster_ratio=0.25, top_k=2)
+    cfg = CompressorConfig(model_type="llama", num_hidden_layers=num_layers, num_kv_heads=num_kv_heads,
+                           head_dim=head_dim, layers=list(layers), full_attn_layers=list(full),
+                           kv_compressed_size=latent or width - 1, down="linear", bias=True, reference=ref)
+    if latent is None:
+        cfg.kv_compressed_size = width  # past the checkpoint validation: a lossless latent, for tests only
+    comp = DeltaKVCompressor(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            q, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
+            q = q.float()[: cfg.kv_compressed_size]
+            pair = comp[layer]
+            pair.down.proj.weight.copy_(q)
+            pair.down.proj.bias.zero_()
+            pair.up.proj.weight.copy_(q.T)
+            pair.up.proj.bias.zero_()
+    return comp

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from deltakv.checkpoint import CheckpointError, save_compressor
-from deltakv.compressor import CompressorConfig, DeltaKVCompressor
+from deltakv.compressor import DeltaKVCompressor
 from deltakv.reference import ReferenceSpec
+from deltakv.testing import tiny_compressor as _tiny_compressor
 from sparse_engine import LLM, SamplingParams
 from sparse_engine.offload.latent_store import LatentCodec
 
@@ -19,26 +20,8 @@ REF = ReferenceSpec(num_sinks=4, cluster_ratio=0.25, top_k=2)  # stride 4
 
 def tiny_compressor(latent: int | None = None, seed: int = 0, layers=(1, 2, 3), full=(0,), ref: ReferenceSpec = REF,
                     num_layers: int = 4, num_kv_heads: int = 2, head_dim: int = 16) -> DeltaKVCompressor:
-    """latent=None: identity-like (latent width = joined width, down = orthogonal Q, up = Q^T);
-    else a random linear compressor of that latent width (a real, lossy one)."""
-    width = 2 * num_kv_heads * head_dim
-    cfg = CompressorConfig(model_type="llama", num_hidden_layers=num_layers, num_kv_heads=num_kv_heads,
-                           head_dim=head_dim, layers=list(layers), full_attn_layers=list(full),
-                           kv_compressed_size=latent or width - 1, down="linear", bias=True, reference=ref)
-    if latent is None:
-        cfg.kv_compressed_size = width  # past the checkpoint validation: a lossless latent, for tests only
-    comp = DeltaKVCompressor(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers:
-            q, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
-            q = q.float()[: cfg.kv_compressed_size]  # orthonormal rows: up = down^T is the best rank-r inverse
-            pair = comp[layer]
-            pair.down.proj.weight.copy_(q)
-            pair.down.proj.bias.zero_()
-            pair.up.proj.weight.copy_(q.T)
-            pair.up.proj.bias.zero_()
-    return comp
+    """See `deltakv.testing.tiny_compressor` (latent=None: lossless; else lossy of that width)."""
+    return _tiny_compressor(latent, seed, layers, full, ref, num_layers, num_kv_heads, head_dim)
 
 
 def prompts():

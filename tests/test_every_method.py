@@ -37,28 +37,11 @@ MAX_TOKENS = (10, 6, 8, 12, 16)
 
 @functools.cache
 def _tiny_deltakv_compressor():
-    """A lossy random linear DeltaKV compressor (latent 16 of the joined width 64) for the tiny llama
-    (4 layers, 2 KV heads, head_dim 16): layer 0 full, layers 1-3 compressed, orthonormal down rows,
-    up = down^T (as tests/test_deltakv_inference.py builds its compressors)."""
-    from deltakv.compressor import CompressorConfig, DeltaKVCompressor
-    from deltakv.reference import ReferenceSpec
+    """A lossy random linear DeltaKV compressor (latent 16 of the joined width 64) for the tiny llama:
+    layer 0 full, layers 1-3 compressed."""
+    from deltakv.testing import tiny_compressor
 
-    width, latent, layers = 2 * 2 * 16, 16, (1, 2, 3)
-    cfg = CompressorConfig(model_type="llama", num_hidden_layers=4, num_kv_heads=2, head_dim=16,
-                           layers=list(layers), full_attn_layers=[0], kv_compressed_size=latent, down="linear",
-                           bias=True, reference=ReferenceSpec(num_sinks=4, cluster_ratio=0.25, top_k=2))
-    comp = DeltaKVCompressor(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in layers:
-            q, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
-            q = q.float()[:latent]
-            pair = comp[layer]
-            pair.down.proj.weight.copy_(q)
-            pair.down.proj.bias.zero_()
-            pair.up.proj.weight.copy_(q.T)
-            pair.up.proj.bias.zero_()
-    return comp
+    return tiny_compressor(latent=16, seed=0)
 
 
 # Knobs per method (callables are called once per engine). Budgets are small: prompts beyond them evict.
