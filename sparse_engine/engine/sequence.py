@@ -35,6 +35,7 @@ class Sequence:
         self.segments = segments  # caller-given segment lengths (tokens) partitioning the prompt's start
         self.logits: list = []  # per output token, when params.return_logits
         self.kv_bytes_at_finish = 0  # KV bytes the method held when the sequence finished
+        self.arrival_time = self.first_token_time = self.finished_time = None  # time.time() stamps set by LLM (RequestOutput.metrics)
 
     @property
     def num_tokens(self) -> int:
