@@ -61,8 +61,214 @@ def _plain(x):
 def harness_module(bcfg):
     kind = bcfg.get("harness") or bcfg.get("name")
     if kind not in HARNESSES:
-        raise ValueError(f"Unknown benchmark harness {kind!r}; known: {', '.join(HARNESSES)}")
+        raise unknown_name("benchmark harness", kind, list(HARNESSES))
     return importlib.import_module(HARNESSES[kind])
+
+
+# ------------------------------------------------------------------------------------------------
+# validation: every name is checked before any work (no silent fallback to another method / model)
+# ------------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A name or value of the eval config that does not exist / is not allowed."""
+
+
+def closest_name(value, valid) -> str | None:
+    """The valid name most similar to ``value`` (difflib ratio), whatever the similarity."""
+    import difflib
+
+    valid = [str(v) for v in valid]
+    if not valid:
+        return None
+    return max(valid, key=lambda v: (difflib.SequenceMatcher(None, str(value).lower(), v.lower()).ratio(), -len(v)))
+
+
+def unknown_name(kind: str, value, valid, hint: str = "") -> ConfigError:
+    valid = sorted({str(v) for v in valid})
+    close = closest_name(value, valid)
+    msg = f"unknown {kind} {value!r}. Valid: {', '.join(valid)}."
+    if close is not None:
+        msg += f" Closest: {close!r}{f' ({hint}{close})' if hint else ''}."
+    return ConfigError(msg)
+
+
+def group_options(group: str) -> list[str]:
+    """Names of a config group: the ``conf/<group>/*.yaml`` files."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+
+
+def known_methods(with_engine: bool = True) -> list[str]:
+    """Method names: the method configs in conf/method plus the engine's registry (when it imports)."""
+    names = set(group_options("method"))
+    if with_engine:
+        names |= set(available_methods())
+    return sorted(names)
+
+
+_KV_BUDGET_HELP = ("a positive whole number of tokens kept per layer and KV head (e.g. kv_budget=128), "
+                   "or null for the method's own budget")
+
+
+def check_kv_budget(value) -> int | None:
+    """``kv_budget`` as an int, or None; anything else (0.2, 0, -5, 'abc', true) is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"kv_budget must be {_KV_BUDGET_HELP}; got {value!r}")
+    return int(value)
+
+
+_CHOICES = {"backend": ("engine", "hf"), "query_mode": ("aware", "agnostic")}
+
+
+def check_method_name(name) -> str:
+    if name in group_options("method"):
+        return name
+    names = known_methods()
+    if name not in names:
+        raise unknown_name("method", name, names, hint="method=")
+    return name
+
+
+def _check_model(cfg) -> None:
+    ref = model_ref(cfg)
+    if ref is None or ref == "???":
+        if ref == "???":
+            raise ConfigError("model.path is not set: this model config needs model.path=/local/hf/folder")
+        return
+    from data_prepare.resources import MODEL_ALIASES
+
+    if ref in MODEL_ALIASES:
+        return
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model {ref!r} is neither a local folder nor a shipped model name "
+                          f"({', '.join(sorted(MODEL_ALIASES))}); closest name: {closest_name(ref, MODEL_ALIASES)!r}")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model folder {path} has no config.json; point model.path to a HF model folder")
+
+
+def preflight(cfg, harness=None, check_model: bool = True) -> tuple[str, dict]:
+    """Validate a composed eval config before any folder is made or model loaded: backend, query
+    mode, method name (+ the HF backend runs vanilla only), kv_budget, benchmark data and task names,
+    model folder. Returns (method, knobs)."""
+    for key, allowed in _CHOICES.items():
+        val = str(cfg.get(key, allowed[0]))
+        if val not in allowed:
+            raise unknown_name(key, val, allowed, hint=f"{key}=")
+    check_kv_budget(cfg.get("kv_budget"))
+    harness = harness or harness_module(cfg.benchmark)
+    harness.check_data(cfg.benchmark)  # bad data or task names fail here, before any model is loaded
+    method, knobs = method_and_knobs(cfg)
+    if str(cfg.backend) == "hf" and (method != "vanilla" or knobs):
+        raise ConfigError(
+            f"backend=hf is the full-KV HF transformers baseline: it runs method=vanilla only "
+            f"(got method={method!r}, knobs={knobs}). Use backend=engine for cache methods."
+        )
+    if check_model:
+        _check_model(cfg)
+    return method, knobs
+
+
+_VALUE_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package",
+                "--experimental-rerun", "-c", "--cfg", "--info", "-i"}
+
+
+def cli_overrides(argv: list[str]) -> list[str]:
+    """The Hydra overrides among ``deltakv-eval``'s arguments (flags and their values left out)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.startswith("-"):
+            skip = a in _VALUE_FLAGS
+            continue
+        if "=" in a or a.startswith("~"):
+            out.append(a)
+    return out
+
+
+def _override_values(ov) -> list:
+    """The values an override takes (each choice of a sweep); [] for deletions and interval sweeps."""
+    if ov.is_delete():
+        return []
+    if not ov.is_sweep_override():
+        return [ov.value()]
+    if ov.value_type is not None and ov.value_type.name == "GLOB_CHOICE_SWEEP":
+        return list(ov.value().filter(group_options(ov.key_or_group)))
+    if ov.is_discrete_sweep():
+        return list(ov.sweep_iterator())
+    return []
+
+
+def validate_cli(argv: list[str], multirun: bool | None = None) -> int:
+    """Check every name and value in ``deltakv-eval``'s command line before Hydra runs anything: config
+    group choices (benchmark / method / model / ... with the valid names and the closest one),
+    ``method.name``, ``kv_budget``, ``backend``, ``query_mode``; in a ``-m`` sweep every choice, then
+    every job's composed config (``preflight``). Raises ConfigError; returns the number of jobs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if multirun is None:
+        multirun = "-m" in argv or "--multirun" in argv
+    try:
+        overrides = OverridesParser.create().parse_overrides(cli_overrides(argv))
+    except Exception as exc:  # noqa: BLE001 - a syntax error: Hydra reports it itself
+        log.debug("override parsing left to Hydra: %s", exc)
+        return 0
+    groups = config_groups()
+    for ov in overrides:
+        key = ov.key_or_group
+        values = _override_values(ov)
+        if key in groups and ov.package is None:
+            valid = group_options(key)
+            for v in values:
+                if v is not None and str(v) not in valid:
+                    raise unknown_name(key, v, valid, hint=f"{key}=")
+        elif key == "method.name":
+            for v in values:
+                check_method_name(str(v))
+        elif key == "kv_budget":
+            for v in values:
+                check_kv_budget(v)
+        elif key in _CHOICES:
+            for v in values:
+                if str(v) not in _CHOICES[key]:
+                    raise unknown_name(key, v, _CHOICES[key], hint=f"{key}=")
+    if not multirun:
+        return 1
+    # every job of the sweep, composed as Hydra will compose it, passes the same checks as a single run
+    import itertools
+
+    axes = []
+    for ov in overrides:
+        if ov.is_hydra_override():
+            continue
+        key = ov.get_key_element()
+        if ov.is_sweep_override():
+            if ov.value_type is not None and ov.value_type.name == "GLOB_CHOICE_SWEEP":
+                vals = [str(v) for v in _override_values(ov)]
+            elif ov.is_discrete_sweep():
+                vals = list(ov.sweep_string_iterator())
+            else:
+                return 0  # interval sweeps belong to other sweepers
+            axes.append([f"{key}={v}" for v in vals])
+        else:
+            axes.append([ov.input_line or f"{key}={ov.get_value_element_as_str()}"])
+    jobs = [list(j) for j in itertools.product(*axes)]
+    for job in jobs:
+        try:
+            cfg = compose(job)
+        except Exception as exc:  # noqa: BLE001 - Hydra's own message for a bad override
+            raise ConfigError(f"job {' '.join(job)}: {exc}") from None
+        try:
+            preflight(cfg)
+        except (ValueError, FileNotFoundError, ImportError, KeyError) as exc:
+            raise ConfigError(f"job {' '.join(job)}: {exc}") from None
+    return len(jobs)
 
 
 _BUDGET_KNOBS = ("budget", "num_top_tokens", "token_budget", "max_capacity_prompt")
@@ -80,6 +286,16 @@ def _method_fields(name: str) -> dict | None:
         return None
 
 
+def _conf_method_fields(name: str) -> dict | None:
+    """The knobs a method's config file names (used when the engine does not import)."""
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "name"}
+
+
 def method_and_knobs(cfg) -> tuple[str, dict]:
     """Method name and the knobs passed to ``sparse_engine.LLM``: the method group's keys, then
     ``kv_budget`` mapped onto the method's own budget knob (``budget`` / ``num_top_tokens`` ...), then
@@ -87,17 +303,22 @@ def method_and_knobs(cfg) -> tuple[str, dict]:
     m = _plain(cfg.get("method")) or {}
     if isinstance(m, str):
         m = {"name": m}
-    name = m.get("name", "vanilla")
+    name = str(m.get("name", "vanilla"))
     knobs = {k: v for k, v in m.items() if k != "name" and not str(k).startswith("_")}
+    budget = check_kv_budget(cfg.get("kv_budget"))
     if name == "vanilla":
+        if budget is not None:
+            log.info("kv_budget=%s not applied: method=vanilla keeps the full KV cache", budget)
         return name, knobs
+    check_method_name(name)
     fields = _method_fields(name)
-    budget = cfg.get("kv_budget")
-    if budget is not None and fields is not None:
-        key = next((k for k in _BUDGET_KNOBS if k in fields), None)
+    budget_fields = fields if fields is not None else _conf_method_fields(name)
+    if budget is not None:
+        key = next((k for k in _BUDGET_KNOBS if k in (budget_fields or {})), None)
         if key is None:
-            raise ValueError(f"kv_budget given but method {name!r} has no budget knob (knobs: {sorted(fields)})")
-        knobs[key] = int(budget)  # an explicit kv_budget wins over the method config's default
+            raise ConfigError(f"kv_budget given but method {name!r} has no budget knob "
+                              f"(knobs: {sorted(budget_fields or {})})")
+        knobs[key] = budget  # an explicit kv_budget wins over the method config's default
     if fields:
         import dataclasses
 
@@ -300,6 +521,8 @@ def summary_markdown(summary: dict) -> str:
                  f" session mode: {summary['session_mode']}")
     lines.append(f"- records: {summary['n_records']}, wall time: {summary['wall_s']:.1f}s")
     lines.append(f"- metric: {summary['result'].get('metric', '')}")
+    for line in summary["result"].get("header") or []:
+        lines.append(f"- {line}")
     lines.append("")
     scores = summary["result"]["scores"]
     lines.append("| task | score |")
@@ -308,7 +531,7 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {k} | {_fmt(v)} |")
     if summary["result"].get("average") is not None:
         lines.append(f"| **average** | **{_fmt(summary['result']['average'])}** |")
-    for extra in ("categories", "per_turn", "buckets", "grid", "kv"):
+    for extra in ("categories", "per_turn", "buckets", "grid", "actual_tokens", "kv"):
         if summary["result"].get(extra):
             lines += ["", f"## {extra}", "", "```json", json.dumps(summary["result"][extra], indent=1), "```"]
     if summary.get("kv_stats"):
@@ -330,6 +553,21 @@ def print_summary(summary: dict) -> None:
     if summary["result"].get("average") is not None:
         t.add_row("[bold]average", f"[bold]{_fmt(summary['result']['average'])}", "")
     Console(width=140).print(t)
+
+
+def header_notes(rows: list[dict]) -> list[str]:
+    """The setup lines the harnesses put in ``result["header"]`` (truncation length, scoring mode,
+    preset, actual prompt lengths...): once when every run has it, else per run."""
+    out: list[str] = []
+    seen = []
+    for s in rows:
+        for line in s["result"].get("header") or []:
+            if line not in seen:
+                seen.append(line)
+    for line in seen:
+        holders = [s["label"] for s in rows if line in (s["result"].get("header") or [])]
+        out.append(line if len(holders) == len(rows) else f"{', '.join(holders)}: {line}")
+    return out
 
 
 def comparison_table(root: Path, benchmark: str | None = None) -> str:
@@ -358,6 +596,9 @@ def comparison_table(root: Path, benchmark: str | None = None) -> str:
                      + " | ".join(_fmt(sc.get(c)) for c in cols) + f" | {_fmt(s['result'].get('average'))} | "
                      + (f"{100 * s['result']['kv']['kv_fraction_mean']:.1f}" if s["result"].get("kv", {}).get(
                          "kv_fraction_mean") is not None else "-") + " |")
+    notes = header_notes(rows)
+    if notes:  # the setup every number depends on, above the table
+        lines = [f"- {n}" for n in notes] + [""] + lines
     return "\n".join(lines) + "\n"
 
 
@@ -402,12 +643,9 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
     bcfg = cfg.benchmark
     harness = harness_module(bcfg)
     query_mode = str(cfg.get("query_mode", "aware"))
-    if query_mode not in ("aware", "agnostic"):
-        raise ValueError(f"query_mode must be 'aware' or 'agnostic', got {query_mode!r}")
-    harness.check_data(bcfg)  # bad data or task names fail here, before any model is loaded
-    method, knobs = method_and_knobs(cfg)
+    # every name and value is checked before a folder is made or a model loaded
+    method, knobs = preflight(cfg, harness, check_model=backend is None)
     out_dir = resolve_output_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     fp = _fingerprint(cfg, method, knobs)
     run_path = out_dir / "run.json"
     pred_path = out_dir / "predictions.jsonl"
@@ -428,6 +666,7 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
         backend = make_backend(str(cfg.backend), model_ref(cfg), method=method, knobs=knobs,
                                engine_kwargs=_plain(cfg.get("engine")) or {}, hf_kwargs=_plain(cfg.get("hf")) or {})
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         info = backend.describe()
         session_mode = info.get("session_mode", "reprefill")
         agnostic_effective = (query_mode == "agnostic") and (session_mode == "native")
@@ -500,20 +739,27 @@ def _hydra_entry():
         try:
             run_eval(cfg)
         except (FileNotFoundError, ValueError, ImportError, KeyError) as exc:
-            from rich.console import Console
-
-            Console(stderr=True).print(f"[bold red]deltakv-eval error:[/] {exc}")
-            raise SystemExit(2) from None
+            _fail(exc)
 
     return _main
 
 
+def _fail(exc) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    msg = Text("deltakv-eval error: ", style="bold red")
+    msg.append(str(exc))
+    Console(stderr=True, soft_wrap=True).print(msg)
+    raise SystemExit(2) from None
+
+
 def main():
+    try:  # names and values of the whole command (every job of a -m sweep) before Hydra runs anything
+        validate_cli(sys.argv[1:])
+    except (ConfigError, FileNotFoundError, ValueError, ImportError, KeyError) as exc:
+        _fail(exc)
     _hydra_entry()()
-
-
-if __name__ == "__main__":
-    main()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -626,3 +872,7 @@ def run_table(benchmark: str, overrides: list[str], methods=TABLE_METHODS, kv_bu
         Path(out_md).write_text(text)
     print_markdown_table(table, title or benchmark)
     return text
+
+
+if __name__ == "__main__":  # at the end: main() uses the helpers defined above
+    main()
