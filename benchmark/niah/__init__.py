@@ -1,7 +1,9 @@
 """Needle in a haystack over real text: the shipped news articles (gensim's Lee corpus).
 
 For each context length L (prompt tokens) x depth d (percent) x sample, a haystack of consecutive
-articles (starting at a seeded article) is cut to fit L, a needle sentence
+articles (starting at a seeded article, cycling through the corpus as often as L needs) is sized so
+that the whole prompt has L tokens (within 1%, asserted; the actual lengths are in the records and
+the summary), a needle sentence
 "One of the special magic numbers for <key> is: <7 digits>." is inserted at the sentence boundary
 nearest before d% of the haystack, and the model is asked for the number. Scoring is exact
 retrieval: 1 when the 7 digits appear verbatim in the answer. ``artifacts`` draws the depth x
@@ -64,7 +66,27 @@ def _insert_needle(text: str, needle: str, depth: float) -> str:
     return text[:pos].rstrip() + needle + text[pos:].lstrip()
 
 
+def _cycle(ids: list[int], start: int, n: int) -> list[int]:
+    """``n`` tokens of ``ids`` from ``start`` on, wrapping around as often as needed."""
+    if not ids:
+        raise ValueError("the NIAH corpus is empty")
+    out: list[int] = []
+    pos = start % len(ids)
+    while len(out) < n:
+        take = ids[pos: pos + n - len(out)]
+        out.extend(take)
+        pos = 0
+    return out
+
+
+def length_tolerance(length: int) -> int:
+    """Allowed distance of a prompt from its asked length: 1% (at least one token)."""
+    return max(1, length // 100)
+
+
 def make_sample(tokenizer, length: int, depth: float, rng: random.Random, use_chat: bool) -> dict:
+    """One haystack of ``length`` prompt tokens (within ``length_tolerance``; the corpus is cycled as
+    often as the length needs) with the needle at ``depth`` percent."""
     key = rng.choice(KEYS)
     value = str(rng.randint(1_000_000, 9_999_999))
     hay_ids, starts = _haystack_tokens(id(tokenizer), tokenizer)
@@ -77,16 +99,32 @@ def make_sample(tokenizer, length: int, depth: float, rng: random.Random, use_ch
         ctx, q = chat_split(tokenizer, head, tail, use_chat)
         return ctx, (q + answer_prefix.strip() if use_chat else q + answer_prefix)
 
-    overhead = sum(len(encode(tokenizer, t, add_special_tokens=i == 0)) for i, t in enumerate(render(""))) \
-        + len(encode(tokenizer, needle, add_special_tokens=False))
+    def tokens(ctx: str, q: str) -> tuple[list[int], list[int]]:
+        return encode(tokenizer, ctx), encode(tokenizer, q, add_special_tokens=False)
+
+    overhead = sum(map(len, tokens(*render("")))) + len(encode(tokenizer, needle, add_special_tokens=False))
     budget = length - overhead
     if budget < 16:
         raise ValueError(f"NIAH context length {length} leaves no room for a haystack (overhead {overhead} tokens)")
     start = starts[rng.randrange(len(starts))]
-    window = (hay_ids[start:] + hay_ids)[:budget]
-    haystack = tokenizer.decode(window, skip_special_tokens=True)
-    ctx, q = render(_insert_needle(haystack, needle, depth))
-    return {"key": key, "value": value, "context": ctx, "query": q}
+    best = None
+    for _ in range(8):  # decoding + re-encoding merges a few tokens at joins: correct the budget and retry
+        haystack = tokenizer.decode(_cycle(hay_ids, start, budget), skip_special_tokens=True)
+        ctx, q = render(_insert_needle(haystack, needle, depth))
+        ctx_ids, q_ids = tokens(ctx, q)
+        n = len(ctx_ids) + len(q_ids)
+        if best is None or abs(n - length) < abs(best["actual_tokens"] - length):
+            best = {"key": key, "value": value, "context": ctx, "query": q, "context_ids": ctx_ids,
+                    "query_ids": q_ids, "actual_tokens": n}
+        if n == length:
+            break
+        budget += length - n
+        if budget < 16:
+            break
+    if abs(best["actual_tokens"] - length) > length_tolerance(length):
+        raise ValueError(f"NIAH prompt came out at {best['actual_tokens']} tokens for the asked {length} "
+                         f"(tolerance {length_tolerance(length)})")
+    return best
 
 
 def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware") -> list[Request]:
@@ -103,8 +141,8 @@ def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware
             for s in range(int(bcfg.get("samples_per_cell", 1))):
                 rng = random.Random(f"{bcfg.get('seed', 0)}/{L}/{d}/{s}")
                 smp = make_sample(tokenizer, L, float(d), rng, use_chat)
-                ctx_ids = encode(tokenizer, smp["context"])
-                q_ids = encode(tokenizer, smp["query"], add_special_tokens=False)
+                ctx_ids, q_ids = smp["context_ids"], smp["query_ids"]
+                assert abs(len(ctx_ids) + len(q_ids) - L) <= length_tolerance(L)
                 meta = {"length": L, "depth": float(d), "sample": s, "needle": smp["value"], "key": smp["key"],
                         "actual_tokens": len(ctx_ids) + len(q_ids)}
                 uid = f"niah/L{L}/d{d}/s{s}"
@@ -114,6 +152,16 @@ def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware
                     reqs.append(Request(uid=uid, task="niah", kind="session", context_ids=ctx_ids, turns=[q_ids],
                                         accumulate=False, params=[params], meta=meta, turn_meta=[{}]))
     return reqs
+
+
+def actual_lengths(records: list[dict]) -> dict:
+    """Per asked length, the prompt tokens the requests really had: {"L=N": {"min", "max", "mean"}}."""
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for r in records:
+        if r.get("actual_tokens") is not None:
+            by_len[int(r["length"])].append(int(r["actual_tokens"]))
+    return {f"L={L}": {"min": min(v), "max": max(v), "mean": round(sum(v) / len(v), 1)}
+            for L, v in sorted(by_len.items())}
 
 
 def score(records: list[dict], bcfg) -> dict:
@@ -130,9 +178,13 @@ def score(records: list[dict], bcfg) -> dict:
         vals = [v for (l2, _), vs in cells.items() if l2 == L for v in vs]
         per_len[f"L={L}"] = round(100 * sum(vals) / len(vals), 2)
     allv = [v for vs in cells.values() for v in vs]
+    actual = actual_lengths(records)
+    header = ["actual prompt tokens per asked length: " + ", ".join(
+        f"{k}: {v['min']}" + (f"-{v['max']}" if v["max"] != v["min"] else "") for k, v in actual.items())]
     return {"metric": "exact retrieval of the needle's 7-digit value (%)", "scores": per_len,
             "n": {f"L={L}": sum(len(cells[(L, d)]) for d in depths if (L, d) in cells) for L in lengths},
-            "average": round(100 * sum(allv) / len(allv), 2) if allv else None, "grid": grid}
+            "average": round(100 * sum(allv) / len(allv), 2) if allv else None, "grid": grid,
+            "actual_tokens": actual, "header": header}
 
 
 def plot_heatmap(grid: dict, path: Path, title: str) -> Path:
