@@ -5,9 +5,9 @@ quirks that change published numbers; where we reproduce a quirk on purpose the 
 All scores are in [0, 1]; the harnesses report 100 x the mean.
 
 Dependencies: ``rouge`` (the ROUGE-L used by LongBench's official ``metrics.py``), ``rouge-score``
-(the ``rougeLsum`` used by SCBench through ``evaluate.load("rouge")``), ``rapidfuzz`` (edit
-similarity, the same Indel ratio as ``fuzzywuzzy``'s ``fuzz.ratio``) and ``nltk`` (sentence BLEU for
-SCBench RepoQA).
+(the ``rougeLsum`` used by SCBench through ``evaluate.load("rouge")``), ``nltk`` (sentence BLEU for
+SCBench RepoQA); code similarity is difflib's (what the official ``fuzzywuzzy`` computes without
+python-Levenshtein), ``rapidfuzz`` only for the non-official ``levenshtein`` variant.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ __all__ = [
     "retrieval_score",
     "count_score",
     "code_sim_score",
+    "fuzzywuzzy_ratio",
     "first_line",
     "LONGBENCH_METRIC",
     "longbench_sample_score",
@@ -178,26 +179,52 @@ def count_score(prediction: str, ground_truth: str, **_) -> float:
     return _fraction_equal(re.findall(r"\d+", prediction), str(ground_truth))
 
 
-def code_sim_score(prediction: str, ground_truth: str, **_) -> float:
+def fuzzywuzzy_ratio(s1: str | None, s2: str | None) -> int:
+    """``fuzzywuzzy.fuzz.ratio`` as LongBench's requirements install it (fuzzywuzzy without
+    python-Levenshtein, so difflib): None -> 0, equal strings -> 100 (two empty strings included),
+    one empty string -> 0, else ``int(round(100 * SequenceMatcher(None, s1, s2).ratio()))`` with
+    difflib's defaults (autojunk on) and Python's round-half-to-even."""
+    if s1 is None or s2 is None:
+        return 0
+    if s1 == s2:
+        return 100
+    if len(s1) == 0 or len(s2) == 0:
+        return 0
+    return int(round(100 * difflib.SequenceMatcher(None, s1, s2).ratio()))
+
+
+def levenshtein_ratio(s1: str, s2: str) -> int:
+    """``fuzz.ratio`` of fuzzywuzzy WITH python-Levenshtein (= rapidfuzz's Indel ratio), rounded the
+    same way. Not the official LongBench number (its requirements install plain fuzzywuzzy)."""
+    from rapidfuzz import fuzz
+
+    if s1 == s2:
+        return 100
+    if not s1 or not s2:
+        return 0
+    return int(round(fuzz.ratio(s1, s2)))
+
+
+CODE_SIM_BACKENDS = {"difflib": fuzzywuzzy_ratio, "levenshtein": levenshtein_ratio}
+
+
+def code_sim_score(prediction: str, ground_truth: str, backend: str = "difflib", **_) -> float:
     """LongBench ``code_sim_score`` (lcc, repobench-p).
 
     The prediction is cut to its first line (after leading newlines) that contains none of
-    ``` ` ```, ``#``, ``//``; score = ``fuzz.ratio(line, gold) / 100`` where ``fuzz.ratio`` is the
-    Indel similarity rounded to an integer percentage (fuzzywuzzy's definition). If no line
-    qualifies, the official code compares the empty string (score 0).
+    ``` ` ```, ``#``, ``//`` (the empty string if none does); score = ``fuzz.ratio(line, gold) / 100``
+    with the official ``fuzz.ratio``: fuzzywuzzy's difflib ``SequenceMatcher`` ratio, rounded to an
+    integer percentage (``fuzzywuzzy_ratio``). ``backend="levenshtein"`` gives the python-Levenshtein /
+    rapidfuzz variant instead (differs on many pairs; not the published numbers).
     """
-    from rapidfuzz import fuzz
-
+    if backend not in CODE_SIM_BACKENDS:
+        raise ValueError(f"code_sim backend must be one of {sorted(CODE_SIM_BACKENDS)}, got {backend!r}")
     line = ""
     for candidate in prediction.lstrip("\n").split("\n"):
         if "`" not in candidate and "#" not in candidate and "//" not in candidate:
             line = candidate
             break
-    if line == ground_truth:
-        return 1.0  # fuzzywuzzy returns 100 for identical strings, empty ones included
-    if not line or not ground_truth:
-        return 0.0
-    return round(fuzz.ratio(line, ground_truth)) / 100
+    return CODE_SIM_BACKENDS[backend](line, ground_truth) / 100
 
 
 def first_line(prediction: str) -> str:

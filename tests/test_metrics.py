@@ -166,3 +166,85 @@ def test_niah_score_and_mean():
     assert M.niah_score(" 836562", "8365622") == 0.0
     assert M.mean([1, 0, 0.5]) == 0.5
     assert math.isnan(M.mean([]))
+
+
+# ------------------------------------------------------------------ lcc / repobench-p: official fuzz.ratio
+def _official_ratio(a, b):
+    """fuzzywuzzy 0.18 ``fuzz.ratio`` as LongBench's requirements install it (no python-Levenshtein):
+    the None / equal / empty checks of its decorators, then difflib's ratio as a rounded percentage."""
+    import difflib
+
+    if a is None or b is None:
+        return 0
+    if a == b:
+        return 100
+    if len(a) == 0 or len(b) == 0:
+        return 0
+    return int(round(100 * difflib.SequenceMatcher(None, a, b).ratio()))
+
+
+def _official_code_sim(prediction, ground_truth):
+    kept = ""
+    for line in prediction.lstrip("\n").split("\n"):
+        if "`" not in line and "#" not in line and "//" not in line:
+            kept = line
+            break
+    return _official_ratio(kept, ground_truth) / 100
+
+
+def _code_pairs(n=3000, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    vocab = ["self", ".", "(", ")", "x", "=", "return", "if", "for", "in", "range", "len", "[", "]", ":", ",",
+             "foo_bar", "0", "1", "None", " ", "  ", "+", "-", "'", '"', "get", "append", "items", "dict", "np"]
+
+    def line(k):
+        return "".join(rng.choice(vocab) for _ in range(k))
+
+    def mutate(s):
+        s = list(s)
+        for _ in range(rng.randint(0, 6)):
+            op = rng.random()
+            i = rng.randrange(len(s) + 1)
+            if op < 0.4 and s:
+                del s[min(i, len(s) - 1)]
+            elif op < 0.8:
+                s.insert(i, rng.choice("abcxyz_().= "))
+            elif s:
+                s[min(i, len(s) - 1)] = rng.choice("0123")
+        return "".join(s)
+
+    for _ in range(n):
+        gold = line(rng.randint(1, 90))  # long ones (> 200 chars) exercise difflib's autojunk
+        pred = mutate(gold) if rng.random() < 0.8 else line(rng.randint(0, 40))
+        r = rng.random()
+        if r < 0.15:
+            pred = "# a comment\n" + pred + "\nmore()"
+        elif r < 0.25:
+            pred = "\n\n```python\n" + pred
+        elif r < 0.3:
+            pred = "// x\n`y`"  # no line qualifies: "" is compared
+        yield pred, gold
+
+
+def test_code_sim_equals_official_fuzzywuzzy_formula_on_many_pairs():
+    pairs = list(_code_pairs())
+    ours = [M.code_sim_score(p, g) for p, g in pairs]
+    official = [_official_code_sim(p, g) for p, g in pairs]
+    assert ours == official
+    # the rapidfuzz / python-Levenshtein ratio is another number on many of these pairs
+    lev = [M.code_sim_score(p, g, backend="levenshtein") for p, g in pairs]
+    assert sum(a != b for a, b in zip(lev, official)) > len(pairs) // 10
+    assert M.code_sim_score("", "") == 1.0 and M.code_sim_score("# only a comment", "") == 1.0
+    assert M.fuzzywuzzy_ratio(None, "x") == 0 and M.fuzzywuzzy_ratio("", "x") == 0
+    assert M.longbench_sample_score("lcc", pairs[0][0], [pairs[0][1]]) == official[0]
+
+
+def test_code_sim_matches_fuzzywuzzy_when_installed():
+    fuzz = pytest.importorskip("fuzzywuzzy.fuzz")
+    if getattr(fuzz.SequenceMatcher, "__module__", "") != "difflib":
+        pytest.skip("fuzzywuzzy runs on python-Levenshtein here, not the official difflib backend")
+    for p, g in list(_code_pairs(800, seed=1)):
+        line = next((ln for ln in p.lstrip("\n").split("\n") if not any(c in ln for c in ("`", "#", "//"))), "")
+        assert M.fuzzywuzzy_ratio(line, g) == fuzz.ratio(line, g)
