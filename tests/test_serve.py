@@ -436,3 +436,31 @@ def test_deltakv_serve_command(model_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0, proc.stdout.read().decode()
+
+
+# ------------------------------------------------------------------ the serving benchmark
+def test_serve_bench_helpers():
+    from benchmark.serve_bench import percentile, poisson_arrivals
+
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5 and percentile([5.0], 99) == 5.0
+    assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+    arr = poisson_arrivals(2000, 4.0, seed=1)
+    assert arr[0] == 0 and arr == sorted(arr) and arr == poisson_arrivals(2000, 4.0, seed=1)
+    assert 2000 / arr[-1] == pytest.approx(4.0, rel=0.1)  # mean rate
+    assert poisson_arrivals(3, 0, seed=1) == [0.0, 0.0, 0.0]
+
+
+def test_serve_bench_against_a_live_server(server, model_dir, tmp_path):
+    from benchmark.serve_bench import main
+
+    out = tmp_path / "bench.md"
+    rows = main(["--url", f"tiny={server.url}", "--api_key", KEY, "--tokenizer", str(model_dir), "--num_requests", "6",
+                 "--rate", "50", "--min_len", "16", "--max_len", "64", "--max_tokens", "5", "--warmup", "1",
+                 "--out", str(out)])
+    r = rows[0]
+    assert r["config"] == "tiny" and r["ok"] == r["requests"] == 6 and r["errors"] == []
+    assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["itl_p50_ms"] > 0 and r["out_tok_s"] > 0
+    assert r["kv_ratio_vs_vanilla"] == 1.0 and r["kv_budget_bytes"] == KV_BYTES
+    md = out.read_text()
+    assert md.startswith("Command: `python -m benchmark.serve_bench") and "| tiny | 6 | 6 |" in md
+    assert out.with_suffix(".csv").read_text().startswith("# python -m benchmark.serve_bench")
