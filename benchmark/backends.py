@@ -61,6 +61,8 @@ class GenParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
 
 
 @dataclass
@@ -308,7 +310,6 @@ class EngineBackend(Backend):
 
         self._SamplingParams = SamplingParams
         self._sp_fields = set(inspect.signature(SamplingParams).parameters)
-        self._warned: set = set()
         self.method = method
         self.knobs = dict(knobs or {})
         self.engine_kwargs = {k: v for k, v in (engine_kwargs or {}).items() if v is not None}
@@ -338,18 +339,25 @@ class EngineBackend(Backend):
                   "top_k": p.top_k if p.top_k and p.top_k > 0 else None, "seed": p.seed,
                   "stop": list(p.stop) or None, "stop_token_ids": list(p.stop_token_ids) or None,
                   "min_tokens": p.min_tokens or None}
-        kwargs = {k: v for k, v in wanted.items() if v is not None and k in self._sp_fields}
-        dropped = sorted(k for k, v in wanted.items() if v is not None and k not in self._sp_fields)
-        if dropped and tuple(dropped) not in self._warned:
-            self._warned.add(tuple(dropped))
-            log.warning("sparse_engine.SamplingParams has no %s; ignored", dropped)
-        return self._SamplingParams(**kwargs)
+        missing = sorted(k for k, v in wanted.items() if v is not None and k not in self._sp_fields)
+        if missing:  # never drop a sampling setting: the run would differ from the HF backend's
+            raise TypeError(f"sparse_engine.SamplingParams has no {missing}, which this request sets "
+                            f"({ {k: wanted[k] for k in missing} }); the engine cannot honour it")
+        return self._SamplingParams(**{k: v for k, v in wanted.items() if v is not None})
 
-    @staticmethod
-    def _to_output(o: dict, stops: Sequence[str]) -> GenOutput:
-        text, hit = _cut_at_stop(o.get("text", ""), stops)
-        return GenOutput(text=text, token_ids=list(o.get("token_ids", [])),
-                         finish_reason="stop" if hit else str(o.get("finish_reason", "")),
+    def _eos_ids(self) -> set[int]:
+        ids = set(getattr(getattr(self.llm, "spec", None), "eos_token_ids", None) or ())
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _to_output(self, o: dict, p: GenParams) -> GenOutput:
+        text, hit = _cut_at_stop(o.get("text", ""), p.stop)
+        ids = list(o.get("token_ids", []))
+        reason = str(o.get("finish_reason", ""))
+        if reason == "stop" and ids and ids[-1] in (self._eos_ids() | set(p.stop_token_ids)):
+            ids = ids[:-1]  # the EOS / stop token that ended it, as the HF backend reports it (not kept)
+        return GenOutput(text=text, token_ids=ids, finish_reason="stop" if hit else reason,
                          prompt_len=len(o.get("prompt_token_ids", []) or []), kv_bytes=o.get("kv_bytes"))
 
     def generate(self, prompts, params, use_tqdm=None):
@@ -358,14 +366,14 @@ class EngineBackend(Backend):
         same = all(p == plist[0] for p in plist)
         outs = self.llm.generate([list(p) for p in prompts], sps[0] if same else sps,
                                  use_tqdm=self.use_tqdm if use_tqdm is None else use_tqdm)
-        return [self._to_output(o, p.stop) for o, p in zip(outs, plist)]
+        return [self._to_output(o, p) for o, p in zip(outs, plist)]
 
     def generate_session(self, context, turns, params, accumulate=True):
         plist = params if isinstance(params, list) else [params] * len(turns)
         if self.session_mode == "native":
             outs = self.llm.generate_session(list(context), [list(t) for t in turns],
                                              [self._sp(p) for p in plist], accumulate=accumulate)
-            return [self._to_output(o, p.stop) for o, p in zip(outs, plist)]
+            return [self._to_output(o, p) for o, p in zip(outs, plist)]
         return super().generate_session(context, turns, plist, accumulate)
 
     def kv_stats(self) -> dict:
