@@ -95,8 +95,8 @@ def build_from_config(cfg):
 def run(cfg) -> None:
     from .server import serve
 
-    logging.basicConfig(level=str(cfg.get("log_level", "info")).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # when Hydra set none
+    logging.getLogger().setLevel(str(cfg.get("log_level", "info")).upper())
     host, port = str(cfg.get("host", "127.0.0.1")), int(cfg.get("port", 8000))
     app, settings, _ = build_from_config(cfg)
     if not _is_loopback(host) and not settings.api_key:
