@@ -122,6 +122,8 @@ def check_kv_budget(value) -> int | None:
 
 
 _CHOICES = {"backend": ("engine", "hf"), "query_mode": ("aware", "agnostic")}
+_CLI_CHOICES = {**_CHOICES, "scbench.scoring": ("official", "corrected"),
+                "benchmark.scoring": ("official", "corrected")}
 
 
 def check_method_name(name) -> str:
@@ -234,10 +236,10 @@ def validate_cli(argv: list[str], multirun: bool | None = None) -> int:
         elif key == "kv_budget":
             for v in values:
                 check_kv_budget(v)
-        elif key in _CHOICES:
+        elif key in _CLI_CHOICES:
             for v in values:
-                if str(v) not in _CHOICES[key]:
-                    raise unknown_name(key, v, _CHOICES[key], hint=f"{key}=")
+                if str(v) not in _CLI_CHOICES[key]:
+                    raise unknown_name(key, v, _CLI_CHOICES[key], hint=f"{key}=")
     if not multirun:
         return 1
     # every job of the sweep, composed as Hydra will compose it, passes the same checks as a single run
@@ -624,6 +626,7 @@ def print_markdown_table(md: str, title: str) -> None:
 def _fingerprint(cfg, method, knobs) -> dict:
     b = dict(_plain(cfg.benchmark))
     b.pop("data_dir", None)  # moving the data does not change the run
+    b.pop("scoring", None)  # nor does scoring the same generations another way (the summary says which)
     fields = _method_fields(method) if method != "vanilla" else None
     if fields:  # knobs equal to the engine's defaults do not change the run
         knobs = {k: v for k, v in knobs.items() if k not in fields or fields[k] != v}

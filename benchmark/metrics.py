@@ -283,21 +283,40 @@ def _score_kv(pred, label) -> float:  # kv_retrieval, prefix_suffix, hashhop: su
     return float(str(label) in pred)
 
 
-def _score_passkey(pred, label) -> float:
+def _score_passkey(pred, label) -> float:  # corrected: the label's text
     if isinstance(label, list):
         label = label[0]
     return float(str(label) == _first_int(pred))
 
 
-def _score_string_match_all(pred, label) -> float:  # scbench_vt
+def _score_passkey_official(pred, label) -> float:
+    """Official: ``label == first_int_match(pred)``, the label as stored (an int label never equals)."""
+    if isinstance(label, list):
+        label = label[0]
+    return float(label == _first_int(pred))
+
+
+def _score_string_match_all(pred, label) -> float:  # scbench_vt, corrected: a string label is one reference
     refs = label if isinstance(label, list) else [label]
     return round(sum(1.0 for r in refs if str(r).lower() in pred.lower()) / len(refs), 2)
 
 
-def _score_contains_upper(pred, label) -> float:  # longdialogue_qa_eng: scbench_qa_eng, many_shot
+def _score_string_match_all_official(pred, label) -> float:
+    """Official ``string_match_all``: ``for r in ref`` over the label as stored (characters of a string)."""
+    return round(sum(1.0 for r in label if str(r).lower() in pred.lower()) / len(label), 2)
+
+
+def _score_contains_upper(pred, label) -> float:  # longdialogue_qa_eng (qa_eng, many_shot), corrected
     labels = label if isinstance(label, list) else [label]
     up = pred.strip().upper()
     return float(any(str(item).upper() in up for item in labels))
+
+
+def _score_contains_upper_official(pred, label) -> float:
+    """Official ``get_score_one_longdialogue_qa_eng``: ``for item in label`` over the label as stored, so
+    a string label (many_shot) counts any of its characters found in the prediction as correct."""
+    up = pred.strip().upper()
+    return float(any(str(item).upper() in up for item in label))
 
 
 def _score_choice(pred, label) -> float:  # longbook_choice_eng; label = [option text, letter]
@@ -347,9 +366,15 @@ def _score_qa_f1_max(pred, label) -> float:
     return max((qa_f1_score(pred, g) for g in labels), default=0.0)
 
 
-def _score_qa_zh(pred, label) -> float:
+def _score_qa_zh(pred, label) -> float:  # corrected: a string label is one answer
     labels = label if isinstance(label, list) else [label]
     return max((qa_f1_zh_char_score(pred, g) for g in labels), default=0.0)
+
+
+def _score_qa_zh_official(pred, label) -> float:
+    """Official ``qa_f1_score_zh(pred, label)``: ``for ground_truth in ground_truths`` over the label as
+    stored: a string label (qa_chn) gives the best F1 against each single character."""
+    return max((qa_f1_zh_char_score(pred, g) for g in label), default=0.0)
 
 
 def _score_summary(pred, label) -> float:
@@ -373,18 +398,97 @@ SCBENCH_SCORER = {
 }
 
 
-def scbench_sample_score(task: str, prediction: str, label) -> float:
-    """Score of one SCBench turn (tasks other than RepoQA, which is scored per repository)."""
-    if task not in SCBENCH_SCORER:
-        raise KeyError(f"No SCBench turn scorer for {task!r}; known: {', '.join(SCBENCH_SCORER)}")
-    return float(SCBENCH_SCORER[task](prediction, label))
+# The official scorers where they differ from the corrected ones (labels iterated as stored).
+SCBENCH_SCORER_OFFICIAL = {
+    **SCBENCH_SCORER,
+    "scbench_passkey": _score_passkey_official,
+    "scbench_vt": _score_string_match_all_official,
+    "scbench_qa_eng": _score_contains_upper_official,
+    "scbench_many_shot": _score_contains_upper_official,
+    "scbench_qa_chn": _score_qa_zh_official,
+}
 
 
-def extract_code_block(text: str) -> str:
-    """RepoQA sanitiser without tree-sitter: the first fenced code block, else the whole output."""
+def scbench_sample_score(task: str, prediction: str, label, scoring: str = "official") -> float:
+    """Score of one SCBench turn (tasks other than RepoQA, which is scored per repository).
+    ``scoring="official"``: the published scorers, quirks included; ``"corrected"``: whole labels."""
+    table = {"official": SCBENCH_SCORER_OFFICIAL, "corrected": SCBENCH_SCORER}.get(scoring)
+    if table is None:
+        raise ValueError(f"SCBench scoring must be 'official' or 'corrected', got {scoring!r}")
+    if task not in table:
+        raise KeyError(f"No SCBench turn scorer for {task!r}; known: {', '.join(table)}")
+    return float(table[task](prediction, label))
+
+
+_CODE_BLOCK = re.compile(r"^```(?:\w+)?\s*\n(.*?)(?=^```)```", re.DOTALL | re.MULTILINE)
+
+# RepoQA's tree-sitter query of a function definition per language (repoqa / SCBench repo_qa_utils).
+REPOQA_FUNCTION_QUERY = {
+    "python": "(function_definition name: (_)) @fdef",
+    "java": "(method_declaration name: (_)) @fdef",
+    "typescript": "(function_declaration name: (_)) @fdef",
+    "rust": "(function_item name: (_)) @fdef",
+    "cpp": "(function_definition declarator: (function_declarator declarator: (identifier))) @fdef",
+    "go": "(function_declaration name: (_)) @fdef",
+}
+
+
+_TS_CACHE: dict = {}
+
+
+def _tree_sitter(lang: str):
+    """(parser, function query) of ``lang`` from ``tree_sitter_languages`` (cached; its FutureWarning
+    about tree-sitter's deprecated Language constructor silenced)."""
+    if lang not in _TS_CACHE:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from tree_sitter_languages import get_language, get_parser
+
+            _TS_CACHE[lang] = (get_parser(lang), get_language(lang).query(REPOQA_FUNCTION_QUERY[lang]))
+    return _TS_CACHE[lang]
+
+
+def tree_sitter_error() -> str | None:
+    """None when ``tree_sitter_languages`` (with tree-sitter 0.21) parses here, else the reason."""
+    try:
+        parser, _ = _tree_sitter("python")
+        parser.parse(b"def f():\n    pass\n")
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _captured_nodes(captures) -> list:
+    if isinstance(captures, dict):  # tree-sitter >= 0.23: {name: [nodes]}
+        return sorted((n for nodes in captures.values() for n in nodes), key=lambda n: n.start_byte)
+    return [c[0] for c in captures]  # tree-sitter 0.21: [(node, name)]
+
+
+def extract_code_block(text: str, lang: str | None = None, sanitizer: str = "tree_sitter") -> str:
+    """RepoQA's output sanitiser. Without fenced code blocks: the whole (stripped) output. With them:
+    ``tree_sitter`` (official) returns the first function definition tree-sitter finds in the blocks,
+    in order, and the first block when none has one; ``first_block`` returns the first block."""
     text = text.strip()
-    blocks = re.findall(r"^```(?:\w+)?\s*\n(.*?)(?=^```)```", text, re.DOTALL | re.MULTILINE)
-    return blocks[0] if blocks else text
+    blocks = _CODE_BLOCK.findall(text)
+    if not blocks:
+        return text
+    if sanitizer == "tree_sitter":
+        if lang not in REPOQA_FUNCTION_QUERY:
+            raise ValueError(f"RepoQA's tree-sitter sanitiser needs the sample's language, one of "
+                             f"{', '.join(REPOQA_FUNCTION_QUERY)}; got {lang!r}")
+        parser, query = _tree_sitter(lang)
+        for block in blocks:
+            try:
+                data = block.encode("utf8")
+                for node in _captured_nodes(query.captures(parser.parse(data).root_node)):
+                    return data[node.start_byte:node.end_byte].decode("utf8")
+            except Exception:  # noqa: BLE001 - the official sanitiser skips a block it cannot parse
+                pass
+    elif sanitizer != "first_block":
+        raise ValueError(f"RepoQA sanitizer must be 'tree_sitter' or 'first_block', got {sanitizer!r}")
+    return blocks[0]
 
 
 def code_bleu_similarity(candidate: str, reference: str) -> float:
@@ -396,10 +500,11 @@ def code_bleu_similarity(candidate: str, reference: str) -> float:
     return float(sentence_bleu([ref], cand, smoothing_function=SmoothingFunction().method4))
 
 
-def repoqa_best_match(prediction: str, needles: Sequence[dict]) -> tuple[str | None, float]:
+def repoqa_best_match(prediction: str, needles: Sequence[dict], lang: str | None = None,
+                      sanitizer: str = "tree_sitter") -> tuple[str | None, float]:
     """Among a repository's needle functions ({'name', 'needle'}), the one most similar to the
     code the model produced, and that similarity."""
-    code = extract_code_block(prediction)
+    code = extract_code_block(prediction, lang, sanitizer)
     best_name, best_sim = None, 0.0
     for needle in needles:
         sim = code_bleu_similarity(code, needle["needle"])
@@ -408,10 +513,11 @@ def repoqa_best_match(prediction: str, needles: Sequence[dict]) -> tuple[str | N
     return best_name, best_sim
 
 
-def repoqa_score(prediction: str, func_name: str, needles: Sequence[dict], threshold: float = 0.8) -> float:
+def repoqa_score(prediction: str, func_name: str, needles: Sequence[dict], threshold: float = 0.8,
+                 lang: str | None = None, sanitizer: str = "tree_sitter") -> float:
     """RepoQA pass@1 at the official reporting threshold 0.8: the best-matching needle must be the
     asked function and its BLEU similarity at least ``threshold``."""
-    name, sim = repoqa_best_match(prediction, needles)
+    name, sim = repoqa_best_match(prediction, needles, lang, sanitizer)
     return float(name == func_name and sim >= threshold)
 
 

@@ -16,7 +16,9 @@ from benchmark.eval_runner import TABLE_METHODS, list_arg as _list, run_table
 def main(data_dir: str | None = None, fixtures: bool = False, tasks: str | None = None, mode: str = "multi_turn",
          kv_budget: int = 64, methods: str = ",".join(TABLE_METHODS), limit: int | None = None,
          gen_cap: int | None = None, max_turns: int | None = None, model: str | None = None,
-         results_root: str = "runs/eval_tables", out: str | None = None):
+         results_root: str = "runs/eval_tables", out: str | None = None, scoring: str = "official"):
+    """``--scoring official`` (the published scorers, quirks included) or ``corrected``; the default task set
+    and max_turns are the official runner's (benchmark/scbench)."""
     tasks = ",".join(_list(tasks)) if tasks else tasks
     if fixtures:
         from benchmark.fixtures import write_scbench
@@ -26,7 +28,7 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str | None 
         gen_cap = gen_cap or 12
     if not data_dir:
         raise SystemExit("give --data_dir (official SCBench JSONL folder) or --fixtures")
-    ov = [f"benchmark.data_dir={data_dir}", f"benchmark.mode={mode}"]
+    ov = [f"benchmark.data_dir={data_dir}", f"benchmark.mode={mode}", f"scbench.scoring={scoring}"]
     if tasks:
         ov.append(f"benchmark.tasks=[{tasks}]")
     for k, v in (("limit", limit), ("gen_cap", gen_cap), ("max_turns", max_turns)):
@@ -35,8 +37,8 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str | None 
     if model:
         ov.append(f"model.path={model}")
     cmd = ("python -m experiments.table_scbench " + ("--fixtures" if fixtures else f"--data_dir {data_dir}")
-           + f" --mode {mode} --kv_budget {kv_budget} --methods {','.join(_list(methods))}" + (f" --tasks {tasks}" if tasks else "")
-           + (f" --gen_cap {gen_cap}" if gen_cap else ""))
+           + f" --mode {mode} --scoring {scoring} --kv_budget {kv_budget} --methods {','.join(_list(methods))}"
+           + (f" --tasks {tasks}" if tasks else "") + (f" --gen_cap {gen_cap}" if gen_cap else ""))
     notes = ("Scores averaged over turns (per-turn scores in each run's summary.json). Sessions go through "
              "backend.generate_session: with an engine that lacks session KV reuse the shared context is "
              "re-prefilled each turn (session_mode=reprefill in run.json). "

@@ -343,18 +343,21 @@ def test_scbench_scoring_repoqa_and_subtasks_without_model():
 
     from benchmark.scbench import score
 
+    from benchmark.metrics import tree_sitter_error
+
     fa, fb = "def add(a, b):\n    return a + b", "def mul(x, y):\n    z = x * y\n    return z"
     recs = [
-        {"task": "scbench_repoqa", "turn": 0, "repo": "r1", "func_name": "add", "label": fa,
+        {"task": "scbench_repoqa", "turn": 0, "repo": "r1", "func_name": "add", "label": fa, "lang": "python",
          "pred": "```python\n" + fa + "\n```"},
-        {"task": "scbench_repoqa", "turn": 1, "repo": "r1", "func_name": "mul", "label": fb,
+        {"task": "scbench_repoqa", "turn": 1, "repo": "r1", "func_name": "mul", "label": fb, "lang": "python",
          "pred": "```python\n" + fa + "\n```"},  # returns the wrong function
         {"task": "scbench_repoqa_and_kv", "turn": 0, "repo": "r2", "func_name": "add", "label": fa,
-         "subtask": "scbench_repoqa", "pred": fa},
+         "subtask": "scbench_repoqa", "pred": fa, "lang": "python"},
         {"task": "scbench_repoqa_and_kv", "turn": 1, "repo": "r2", "label": "beef-1234", "subtask": "scbench_kv",
-         "pred": "beef-1234"},
+         "pred": "beef-1234", "lang": "python"},
     ]
-    out = score(recs, OmegaConf.create({"mode": "multi_turn"}))
+    sanitizer = "tree_sitter" if tree_sitter_error() is None else "first_block"
+    out = score(recs, OmegaConf.create({"mode": "multi_turn", "repoqa_sanitizer": sanitizer}))
     assert out["scores"] == {"scbench_repoqa": 50.0, "scbench_repoqa_and_kv/kv": 100.0,
                              "scbench_repoqa_and_kv/repoqa": 100.0}
     assert out["per_turn"]["scbench_repoqa"] == {"0": 100.0, "1": 0.0}

@@ -108,13 +108,15 @@ def test_scbench_scorers():
     assert s("scbench_vt", "x1 and y", ["X1", "X2"]) == 0.5
     assert s("scbench_qa_eng", "he went to warsaw", ["Warsaw"]) == 1.0
     assert s("scbench_many_shot", "label: positive", "POSITIVE") == 1.0
+    assert s("scbench_many_shot", "label: positive", "POSITIVE", scoring="corrected") == 1.0
     assert s("scbench_choice_eng", "B. Paris", ["Paris", "B"]) == 1.0
     assert s("scbench_choice_eng", "The answer is: C", ["Paris", "B"]) == 0.0
     assert s("scbench_choice_eng", "I think the answer is B", ["Paris", "B"]) == 1.0
     assert s("scbench_mf", "The answer is 42.", 42) == 1.0
     assert s("scbench_mf", "3.5", 3.5) == 1.0
     assert s("scbench_mf", "none", 3) == 0.0
-    assert s("scbench_qa_chn", "北京", "北京") == 1.0
+    assert s("scbench_qa_chn", "北京", "北京", scoring="corrected") == 1.0
+    assert s("scbench_qa_chn", "北京", "北京") == pytest.approx(2 / 3)  # official: per-character labels
     assert s("scbench_summary", "a b c d", "a b e f") == pytest.approx(0.5)
 
 
@@ -123,11 +125,14 @@ def test_repoqa_similarity():
     other = "def mul(x, y):\n    z = x * y\n    return z"
     needles = [{"name": "add", "needle": fn}, {"name": "mul", "needle": other}]
     out = "Here it is:\n```python\n" + fn + "\n```\n"
-    assert M.extract_code_block(out).strip() == fn
+    kw = {"lang": "python", "sanitizer": "tree_sitter" if M.tree_sitter_error() is None else "first_block"}
+    assert M.extract_code_block(out, **kw).strip() == fn
     assert M.code_bleu_similarity(fn, fn) == pytest.approx(1.0)
-    assert M.repoqa_best_match(out, needles) == ("add", pytest.approx(1.0))
-    assert M.repoqa_score(out, "add", needles) == 1.0
-    assert M.repoqa_score(out, "mul", needles) == 0.0
+    assert M.repoqa_best_match(out, needles, **kw) == ("add", pytest.approx(1.0))
+    assert M.repoqa_score(out, "add", needles, **kw) == 1.0
+    assert M.repoqa_score(out, "mul", needles, **kw) == 0.0
+    with pytest.raises(ValueError, match="language"):
+        M.extract_code_block(out, None, "tree_sitter")
 
 
 # ---------------------------------------------------------------- AIME

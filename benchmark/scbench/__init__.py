@@ -20,10 +20,26 @@ so the context is compressed before any question is seen.
 Truncation: the first prompt (multi_turn) or the context prompt (scdq) is middle-truncated to
 ``max_seq_length - turns x max_new_tokens`` tokens (minus 1000 more in scdq), as the official code.
 
-Scoring: per turn with the official scorers (``benchmark.metrics.scbench_sample_score``); RepoQA
-by BLEU similarity against all needle functions of the repository (threshold 0.8, the reported
-pass@1). Deviation: the official RepoQA sanitiser uses tree-sitter to pull the function out of
-the code block; we use the first fenced block (no tree-sitter dependency).
+Defaults are the official runner's: its 12 tasks (``tasks: official``) and ``max_turns: 5``.
+
+Prompts: byte-identical to ``scbench/eval_utils.py``, including math_find's: the scdq context starts
+with the first turn's raw input, and the chat follow-ups of a multi-turn session all carry the
+"What is ...?" question of the LAST turn (the official loop variable leaks into the comprehension).
+
+Scoring (``scoring``, also ``scbench.scoring=...`` on the command line):
+
+* ``official`` (default; the published numbers): the official scorers with their quirks. Labels of
+  qa_chn, many_shot (and vt when a string) are iterated ``for item in label``, i.e. per character:
+  qa_chn takes the best F1 against single characters ("张无忌" vs "张无忌" = 0.5), many_shot counts
+  any shared character; passkey compares the label as stored to the first integer string; in scdq
+  mode the kv half of repoqa_and_kv gets whole records instead of predictions and scores 0.
+* ``corrected``: whole labels (a string label is one answer), kv scored in scdq mode.
+
+RepoQA (both): the best BLEU match among the repository's needle functions must be the asked
+function with similarity >= 0.8 (the reported pass@1). The model's code is cut as the official
+sanitiser does: the first function definition tree-sitter finds in the fenced code blocks
+(``repoqa_sanitizer: tree_sitter``, needs ``tree-sitter==0.21.3`` + ``tree_sitter_languages``);
+``first_block`` (the whole first fenced block, no tree-sitter) is a named approximation.
 """
 
 from __future__ import annotations
@@ -36,14 +52,20 @@ from pathlib import Path
 from benchmark.backends import GenParams, Request, chat_followup, chat_split, chat_wrap, encode, \
     has_chat_template, middle_truncate_ids
 from benchmark.metrics import repoqa_score, scbench_sample_score
-from benchmark.scbench.spec import CHAT_QUERY, FIRST_TURN, FOLLOW_UP, MAX_NEW_TOKENS, SCDQ_CONTEXT, SOURCE_HINT, TASKS
+from benchmark.scbench.spec import CHAT_QUERY, FIRST_TURN, FOLLOW_UP, MAX_NEW_TOKENS, OFFICIAL_TASKS, SCDQ_CONTEXT, \
+    SOURCE_HINT, TASKS
+
+SCORINGS = ("official", "corrected")
+SANITIZERS = ("tree_sitter", "first_block")
 
 NAME = "scbench"
 _DELIM = "[SEPSEPSEP]"
 
 
 def resolve_tasks(tasks) -> list[str]:
-    if tasks in (None, "all", ["all"]):
+    if tasks in (None, "official", ["official"]):
+        return list(OFFICIAL_TASKS)
+    if tasks in ("all", ["all"]):
         return list(TASKS)
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -59,6 +81,12 @@ def check_data(bcfg) -> list[str]:
     mode = bcfg.get("mode", "multi_turn")
     if mode not in ("multi_turn", "scdq"):
         raise ValueError(f"benchmark.mode must be 'multi_turn' or 'scdq', got {mode!r}")
+    scoring = bcfg.get("scoring", "official")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scbench.scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    sanitizer = bcfg.get("repoqa_sanitizer", "tree_sitter")
+    if sanitizer not in SANITIZERS:
+        raise ValueError(f"benchmark.repoqa_sanitizer must be one of {', '.join(SANITIZERS)}, got {sanitizer!r}")
     data_dir = bcfg.get("data_dir")
     expected = [f"{t}.jsonl" for t in tasks]
     if not data_dir or not Path(data_dir).is_dir():
@@ -67,6 +95,16 @@ def check_data(bcfg) -> list[str]:
     missing = [e for e in expected if not (Path(data_dir) / e).is_file()]
     if missing:
         raise FileNotFoundError(f"SCBench data directory {data_dir} lacks {', '.join(missing)}. {SOURCE_HINT}")
+    if sanitizer == "tree_sitter" and any("repoqa" in t for t in tasks):
+        from benchmark.metrics import tree_sitter_error
+
+        err = tree_sitter_error()
+        if err:
+            raise ImportError(
+                f"SCBench RepoQA is scored as the official code does, with tree-sitter, which does not import "
+                f"({err}). Install it: pip install 'tree-sitter==0.21.3' tree_sitter_languages (or the project's "
+                f"[eval] extra); or pass benchmark.repoqa_sanitizer=first_block (not the official scorer), or "
+                f"leave the RepoQA tasks out of benchmark.tasks.")
     return tasks
 
 
@@ -97,10 +135,12 @@ def _mf_prefix(query: str) -> str:
     return f"What is {found[0].lower()[:-3]}?"
 
 
-def _fields(task: str, turn: dict, context: str | None = None) -> dict:
+def _fields(task: str, turn: dict, context: str | None = None, first_input: str | None = None) -> dict:
     f = {"input": turn["input"], "question": turn["input"]}
     if context is not None:
         f["context"] = context
+    if first_input is not None:
+        f["first_input"] = first_input
     if task == "scbench_choice_eng":
         opts = list(turn["options"]) + [""] * 4
         f.update(OPTION_A=opts[0], OPTION_B=opts[1], OPTION_C=opts[2], OPTION_D=opts[3])
@@ -161,7 +201,7 @@ def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware
             uid = f"{task}/{i}"
 
             if mode == "scdq":
-                ctx_text = SCDQ_CONTEXT[task].format(**_fields(task, turns[0], context))
+                ctx_text = SCDQ_CONTEXT[task].format(**_fields(task, turns[0], context, first_input=turns[0]["input"]))
                 queries = [CHAT_QUERY[task].format(**_fields(task, t)) for t in turns]
                 if use_chat:
                     ctx_text = chat_wrap(tokenizer, ctx_text + _DELIM).split(_DELIM)[0]
@@ -178,6 +218,9 @@ def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware
             follow = []
             for k in range(1, len(turns)):
                 f = _fields(task, turns[k])
+                if use_chat and task == "scbench_mf":
+                    # official: every chat follow-up gets the LAST turn's question (leaked loop variable)
+                    f["prefix"] = _mf_prefix(turns[-1]["input"])
                 if use_chat:
                     text = chat_followup(tokenizer, str(turns[k - 1]["answer"]), CHAT_QUERY[task].format(**f))
                     if task == "scbench_summary":
@@ -210,6 +253,9 @@ def _subtask_key(task: str, sub: str | None) -> str:
 
 
 def score(records: list[dict], bcfg) -> dict:
+    scoring = bcfg.get("scoring", "official")
+    mode = bcfg.get("mode", "multi_turn")
+    sanitizer = bcfg.get("repoqa_sanitizer", "tree_sitter")
     needles: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         if r.get("func_name") and r.get("repo") is not None:
@@ -219,21 +265,31 @@ def score(records: list[dict], bcfg) -> dict:
     for r in records:
         sub = r.get("subtask") or r["task"]
         if sub == "scbench_repoqa":
-            s = repoqa_score(r["pred"], r["func_name"], needles[f"{r['task']}::{r['repo']}"])
+            s = repoqa_score(r["pred"], r["func_name"], needles[f"{r['task']}::{r['repo']}"], lang=r.get("lang"),
+                             sanitizer=sanitizer)
+        elif (scoring == "official" and mode == "scdq" and r["task"] == "scbench_repoqa_and_kv"
+              and sub == "scbench_kv"):
+            s = 0.0  # official scdq: the kv scorer gets whole records (`label in dict`): always 0
         else:
-            s = scbench_sample_score(sub, r["pred"], r["label"])
+            s = scbench_sample_score(sub, r["pred"], r["label"], scoring=scoring)
         r["score"] = s
         key = _subtask_key(r["task"], r.get("subtask"))
         per_key[key].append(s)
         per_turn[key][int(r.get("turn", 0))].append(s)
     order = sorted(per_key, key=lambda k: (TASKS.index(k.split("/")[0]), k))
     scores = {k: round(100 * sum(per_key[k]) / len(per_key[k]), 2) for k in order}
+    header = [f"SCBench scoring: {scoring}" + (" (official scorers, quirks included: the published numbers)"
+                                               if scoring == "official" else " (whole labels; not the published scorer)"),
+              f"RepoQA sanitiser: {sanitizer}" + (" (official)" if sanitizer == "tree_sitter" else " (NOT official)"),
+              f"mode: {mode}, max_turns: {bcfg.get('max_turns')}"]
     return {
-        "metric": "SCBench official per-turn scorers (%), averaged over turns",
-        "mode": bcfg.get("mode", "multi_turn"),
+        "metric": f"SCBench per-turn scorers ({scoring}) (%), averaged over turns",
+        "mode": mode,
+        "scoring": scoring,
         "scores": scores,
         "n": {k: len(per_key[k]) for k in order},
         "average": round(sum(scores.values()) / len(scores), 2) if scores else None,
         "per_turn": {k: {str(t): round(100 * sum(v) / len(v), 2) for t, v in sorted(per_turn[k].items())}
                      for k in order},
+        "header": header,
     }

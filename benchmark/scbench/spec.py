@@ -10,6 +10,14 @@ TASKS: tuple[str, ...] = (
     "scbench_summary", "scbench_summary_with_needles", "scbench_repoqa_and_kv", "scbench_kv_compressible",
 )
 
+# The official runner's task set (scbench/scripts/run_all_tasks.sh), in its order; the default here.
+OFFICIAL_TASKS: tuple[str, ...] = (
+    "scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_repoqa", "scbench_qa_eng", "scbench_qa_chn",
+    "scbench_choice_eng", "scbench_many_shot", "scbench_summary", "scbench_mf", "scbench_summary_with_needles",
+    "scbench_repoqa_and_kv",
+)
+OFFICIAL_MAX_TURNS = 5  # run_scbench.py --max_turns default
+
 MAX_NEW_TOKENS: dict[str, int | dict[str, int]] = {
     "scbench_choice_eng": 40, "scbench_qa_eng": 40, "scbench_qa_chn": 40, "scbench_kv": 150,
     "scbench_kv_hard": 150, "scbench_mf": 5, "scbench_hashhop": 150, "scbench_prefix_suffix": 150,
@@ -59,9 +67,10 @@ CHAT_QUERY["scbench_qa_eng"] = "Question: {question}\nAnswer:"
 CHAT_QUERY["scbench_qa_chn"] = "问题：{question}\n答案："
 CHAT_QUERY["scbench_mf"] = "{prefix}\n\n{input}"
 
-# scdq (same context, different queries): the shared context prompt.
+# scdq (same context, different queries): the shared context prompt. math_find's official scdq
+# context puts the FIRST turn's raw input (not the "What is ...?" question) before the context.
 SCDQ_CONTEXT: dict[str, str] = {t: FIRST_TURN[t].split("{context}")[0] + "{context}" for t in TASKS if t in FIRST_TURN}
-SCDQ_CONTEXT["scbench_mf"] = "{prefix}\n\n{context}"
+SCDQ_CONTEXT["scbench_mf"] = "{first_input}\n\n{context}"
 
 SOURCE_HINT = (
     "Get them from the Hugging Face dataset microsoft/SCBench (folder data/, one <task>.jsonl per task), e.g. "
