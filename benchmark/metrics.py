@@ -38,6 +38,7 @@ __all__ = [
     "extract_boxed",
     "normalize_math_answer",
     "math_answers_equal",
+    "math_verify_equal",
     "pass_at_k",
     "niah_score",
 ]
@@ -575,9 +576,57 @@ def normalize_math_answer(answer: str | None) -> str | None:
     return s
 
 
-def math_answers_equal(prediction_text: str, gold: str | int) -> bool:
-    """True when the last boxed answer of the generation equals the gold answer after
-    normalisation (AIME answers are integers 0..999)."""
+def math_verify_error() -> str | None:
+    """None when ``math_verify`` (HF's answer verifier, used by lighteval and open-r1) imports, else why."""
+    try:
+        import math_verify  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def math_verify_parse(text: str, gold: bool = False) -> list:
+    """``math_verify.parse`` with its default extraction (LaTeX incl. ``\\boxed{}``, then plain
+    expressions such as "The final answer is 33"); the gold is parsed as an expression. Its
+    signal-based timeouts only work in the main thread, so they are off elsewhere."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    timeout = {} if _in_main_thread() else {"parsing_timeout": None}
+    if gold:
+        text = str(text).strip()
+        return parse(text if "$" in text or "\\" in text else f"${text}$",
+                     extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], **timeout)
+    return parse(text, **timeout)
+
+
+def math_verify_equal(prediction_text: str, gold: str | int) -> bool:
+    """math-verify's verdict: the answer parsed from the generation is mathematically equal to the gold."""
+    from math_verify import verify
+
+    g = math_verify_parse(str(gold), gold=True)
+    pred = math_verify_parse(prediction_text)
+    if not g or not pred:
+        return False
+    timeout = {} if _in_main_thread() else {"timeout_seconds": None}
+    return bool(verify(g, pred, **timeout))
+
+
+def math_answers_equal(prediction_text: str, gold: str | int, checker: str | None = None) -> bool:
+    """Is the generation's answer the gold answer? ``checker``: ``math_verify`` (default when it is
+    installed: ``\\boxed{m+n=33}``, ``\\boxed{\\dfrac{66}{2}}``, "The final answer is 33." are all 33) or
+    ``string`` (the last ``\\boxed{}`` equal to the gold after ``normalize_math_answer``; the fallback)."""
+    if checker is None:
+        checker = "math_verify" if math_verify_error() is None else "string"
+    if checker == "math_verify":
+        return math_verify_equal(prediction_text, gold)
+    if checker != "string":
+        raise ValueError(f"math answer checker must be 'math_verify' or 'string', got {checker!r}")
     pred = normalize_math_answer(extract_boxed(prediction_text))
     return pred is not None and pred == normalize_math_answer(str(gold))
 

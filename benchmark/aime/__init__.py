@@ -6,9 +6,14 @@ problem field (``problem`` | ``question`` | ``Problem``) and an answer field (``
 with ``to_json``. AIME answers are integers 0..999.
 
 Each problem is sampled ``n_samples`` times (temperature / top_p from the config, seed
-``seed + sample``); a sample is correct when the last ``\\boxed{...}`` of the generation equals the
-gold answer after normalisation. pass@1 = mean over problems of (correct samples / n), i.e. the
-unbiased pass@1 estimator averaged over n samples; pass@n (any sample correct) is reported too.
+``seed + sample``); a sample is correct when its answer is the gold answer by ``math-verify`` (the
+verifier of lighteval and open-r1: ``\\boxed{m+n=33}``, ``\\boxed{\\dfrac{66}{2}}``,
+``\\boxed{33 \\text{ ways}}`` and an unboxed "The final answer is 33." all count as 33;
+``pip install 'math-verify[antlr4_9_3]'``, in the [eval] extra). Without math-verify (or with
+``benchmark.answer_checker=string``) the last ``\\boxed{...}`` must equal the gold after
+normalisation; the summary header says which checker scored the run. pass@1 = mean over problems
+of (correct samples / n), i.e. the unbiased pass@1 estimator averaged over n samples; pass@n (any
+sample correct) is reported too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmark.backends import GenParams, Request, chat_wrap, encode, has_chat_template
+from benchmark import metrics
 from benchmark.metrics import extract_boxed, math_answers_equal, normalize_math_answer, pass_at_k
 
 NAME = "aime"
@@ -31,6 +37,7 @@ SOURCE_HINT = (
 
 
 def check_data(bcfg) -> Path:
+    answer_checker(bcfg)
     path = bcfg.get("data_path")
     if not path or not Path(path).is_file():
         raise FileNotFoundError(f"AIME data file {path!r} does not exist. {SOURCE_HINT}")
@@ -85,11 +92,25 @@ def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware
     return reqs
 
 
+def answer_checker(bcfg) -> str:
+    """``benchmark.answer_checker``: auto (math-verify when installed, else string) | math_verify | string."""
+    want = bcfg.get("answer_checker") or "auto"
+    if want not in ("auto", "math_verify", "string"):
+        raise ValueError(f"benchmark.answer_checker must be auto, math_verify or string, got {want!r}")
+    if want == "auto":
+        return "math_verify" if metrics.math_verify_error() is None else "string"
+    if want == "math_verify" and metrics.math_verify_error():
+        raise ImportError(f"benchmark.answer_checker=math_verify but math-verify does not import "
+                          f"({metrics.math_verify_error()}); pip install 'math-verify[antlr4_9_3]'")
+    return want
+
+
 def score(records: list[dict], bcfg) -> dict:
+    checker = answer_checker(bcfg)
     by_problem: dict[str, list[int]] = defaultdict(list)
     for r in records:
         r["extracted"] = normalize_math_answer(extract_boxed(r["pred"]))
-        r["score"] = float(math_answers_equal(r["pred"], r["answer"]))
+        r["score"] = float(math_answers_equal(r["pred"], r["answer"], checker=checker))
         by_problem[r["problem_id"]].append(int(r["score"]))
     n_min = min((len(v) for v in by_problem.values()), default=0)
     p1 = [pass_at_k(len(v), sum(v), 1) for v in by_problem.values()]
@@ -98,6 +119,10 @@ def score(records: list[dict], bcfg) -> dict:
     scores = {"pass@1": round(100 * sum(p1) / len(p1), 2) if p1 else None,
               f"pass@{n_min}": round(100 * sum(pn) / len(pn), 2) if pn else None,
               "boxed_rate": round(100 * boxed / len(records), 2) if records else None}
-    return {"metric": "AIME: pass@1 averaged over n samples (%), exact match of the last \\boxed{} answer",
+    how = ("math-verify (parsed answer mathematically equal to the gold)" if checker == "math_verify"
+           else "string match of the last \\boxed{} answer after normalisation"
+           + ("" if bcfg.get("answer_checker") == "string" else " (math-verify not installed)"))
+    return {"metric": f"AIME: pass@1 averaged over n samples (%), answer check: {how}",
             "scores": scores, "n": {"pass@1": len(by_problem)}, "average": scores["pass@1"],
-            "n_samples": n_min, "per_problem": {k: sum(v) / len(v) for k, v in by_problem.items()}}
+            "n_samples": n_min, "per_problem": {k: sum(v) / len(v) for k, v in by_problem.items()},
+            "answer_checker": checker, "header": [f"answer check: {how}"]}
