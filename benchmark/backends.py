@@ -468,6 +468,27 @@ def encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens, truncation=False).input_ids)
 
 
+def _adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    probe = encode(tokenizer, "a", add_special_tokens=True)
+    return bool(probe) and probe[0] == bos
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of a whole prompt. Plain text: the tokenizer's special tokens (BOS) are added, as the
+    official scripts do. Text rendered by a chat template: NOT added, because templates such as
+    Llama 3's already start with BOS (adding it again gives two); a BOS the tokenizer would add and
+    the template did not write is put back, so that the prompt starts with exactly one BOS either way."""
+    if not chat:
+        return encode(tokenizer, text, add_special_tokens=True)
+    ids = encode(tokenizer, text, add_special_tokens=False)
+    if _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

@@ -22,7 +22,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmark.backends import GenParams, Request, chat_wrap, encode, has_chat_template
+from benchmark.backends import GenParams, Request, chat_wrap, encode_prompt, has_chat_template
 from benchmark import metrics
 from benchmark.metrics import extract_boxed, math_answers_equal, normalize_math_answer, pass_at_k
 
@@ -80,7 +80,7 @@ def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware
         text = str(bcfg.prompt).replace("{problem}", p["problem"])
         if use_chat:
             text = chat_wrap(tokenizer, text)
-        ids = encode(tokenizer, text)
+        ids = encode_prompt(tokenizer, text, use_chat)
         max_tokens = min(int(bcfg.max_tokens), max_model_len - len(ids))
         if max_tokens < 1:
             raise ValueError(f"AIME problem {p['id']} ({len(ids)} tokens) leaves no room to generate")

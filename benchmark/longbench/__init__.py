@@ -23,7 +23,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmark.backends import GenParams, Request, chat_split, chat_wrap, encode, has_chat_template, \
+from benchmark.backends import GenParams, Request, chat_split, chat_wrap, encode, encode_prompt, has_chat_template, \
     middle_truncate_ids, middle_truncate_text
 from benchmark.longbench.spec import CATEGORIES, LENGTH_BUCKETS, MAX_NEW_TOKENS, NO_CHAT_TASKS, PROMPTS, TASKS, \
     TASKS_E, length_bucket
@@ -132,13 +132,13 @@ def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware
                 prompt = middle_truncate_text(tokenizer, prompt, max_len)
                 if chat_task:
                     prompt = chat_wrap(tokenizer, prompt)
-                requests.append(Request(uid=uid, task=task, prompt_ids=encode(tokenizer, prompt), params=params,
-                                        meta=meta))
+                requests.append(Request(uid=uid, task=task, prompt_ids=encode_prompt(tokenizer, prompt, chat_task),
+                                        params=params, meta=meta))
             else:
                 head_t, tail_t = _split_template(PROMPTS[task])
                 head, tail = head_t.format(**fields), tail_t.format(**fields)
                 ctx_text, q_text = chat_split(tokenizer, head, tail, chat_task)
-                ctx_ids = encode(tokenizer, ctx_text)
+                ctx_ids = encode_prompt(tokenizer, ctx_text, chat_task)
                 q_ids = encode(tokenizer, q_text, add_special_tokens=False)
                 if not q_ids:
                     raise ValueError(f"{uid}: empty query part in query-agnostic mode")

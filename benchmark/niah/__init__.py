@@ -19,7 +19,7 @@ from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 
-from benchmark.backends import GenParams, Request, chat_split, chat_wrap, encode, has_chat_template
+from benchmark.backends import GenParams, Request, chat_split, chat_wrap, encode, encode_prompt, has_chat_template
 from benchmark.metrics import niah_score
 
 NAME = "niah"
@@ -100,7 +100,7 @@ def make_sample(tokenizer, length: int, depth: float, rng: random.Random, use_ch
         return ctx, (q + answer_prefix.strip() if use_chat else q + answer_prefix)
 
     def tokens(ctx: str, q: str) -> tuple[list[int], list[int]]:
-        return encode(tokenizer, ctx), encode(tokenizer, q, add_special_tokens=False)
+        return encode_prompt(tokenizer, ctx, use_chat), encode(tokenizer, q, add_special_tokens=False)
 
     overhead = sum(map(len, tokens(*render("")))) + len(encode(tokenizer, needle, add_special_tokens=False))
     budget = length - overhead
