@@ -1,15 +1,16 @@
 """LongBench v1 task specification: the official prompt templates (config/dataset2prompt.json),
 maximum generation lengths (config/dataset2maxlen.json), metrics and task lists of
-THUDM/LongBench, for the 16 English tasks. The strings must stay byte-identical to the official
-ones (including the odd space in qasper's " Answer the question" and multi_news's "news. \\n")."""
+THUDM/LongBench, for the 16 English tasks. The strings are byte-identical to the official ones, typos
+included (narrativeqa's "asconcisely" twice, the odd space in qasper's " Answer the question",
+multi_news's "news. \\n"); tests/test_eval_longbench_prompts.py checks them against a copy."""
 
 from __future__ import annotations
 
 PROMPTS: dict[str, str] = {
     "narrativeqa": (
         "You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
-        "as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\n"
-        "Story: {context}\n\nNow, answer the question based on the story as concisely as you can, using a single "
+        "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\n"
+        "Story: {context}\n\nNow, answer the question based on the story asconcisely as you can, using a single "
         "phrase if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:"
     ),
     "qasper": (
