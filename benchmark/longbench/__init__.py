@@ -6,7 +6,8 @@ One JSON object per line with ``input``, ``context``, ``answers``, ``length``, `
 ``dataset``, ``language``, ``_id``.
 
 Prediction follows the official ``pred.py``: ``template.format(**sample)``, middle truncation of
-the prompt to ``max_input_tokens`` (first/last half decoded and re-joined), the chat template for
+the prompt to ``max_input_tokens`` (first/last half decoded and re-joined; by default the model
+config's ``longbench_max_len``, the official ``model2maxlen.json`` value), the chat template for
 all tasks but the few-shot and code ones, greedy decoding with the per-task maximum length
 (samsum also stops at a newline token and generates at least one token). Scoring follows
 ``eval.py`` (first-line post-processing for trec/triviaqa/samsum, max over answers, 100 x mean,
@@ -20,6 +21,7 @@ the context alone is middle-truncated so that the whole prompt fits ``max_input_
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from benchmark.longbench.spec import CATEGORIES, LENGTH_BUCKETS, MAX_NEW_TOKENS,
 from benchmark.metrics import longbench_sample_score
 
 NAME = "longbench"
+log = logging.getLogger(__name__)
 SOURCE_HINT = (
     "Get them from the Hugging Face dataset THUDM/LongBench: download its data.zip "
     "(huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip) and unzip it, or, with hub access, "
@@ -99,6 +102,21 @@ def load_samples(data_dir, task: str, longbench_e: bool, limit: int | None = Non
     return rows
 
 
+def truncation_length(bcfg, max_model_len: int, max_new: int = 0) -> int:
+    """Middle-truncation length of the prompts: ``max_input_tokens`` (by default the model config's
+    ``longbench_max_len``, the official model2maxlen value), else ``max_model_len - 500``; never more
+    than the backend can take with the task's new tokens (``max_model_len - max_new``; logged)."""
+    want = bcfg.get("max_input_tokens")
+    if want is None:
+        want = max_model_len - 500
+    want = int(want)
+    if want > max_model_len - max_new:
+        log.warning("LongBench truncation length %d does not fit max_model_len %d with %d new tokens: using %d",
+                    want, max_model_len, max_new, max_model_len - max_new)
+        return max_model_len - max_new
+    return want
+
+
 def _split_template(template: str) -> tuple[str, str]:
     i = template.index("{context}") + len("{context}")
     return template[:i], template[i:]
@@ -112,8 +130,7 @@ def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware
     requests: list[Request] = []
     for task in tasks:
         max_new = MAX_NEW_TOKENS[task] if not gen_cap else min(MAX_NEW_TOKENS[task], int(gen_cap))
-        max_len = bcfg.get("max_input_tokens") or (max_model_len - 500)
-        max_len = min(int(max_len), max_model_len - max_new)
+        max_len = truncation_length(bcfg, max_model_len, max_new)
         if max_len <= 0:
             raise ValueError(f"max_input_tokens leaves no room for the prompt (max_model_len={max_model_len})")
         stop_ids = []
@@ -124,7 +141,7 @@ def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware
         chat_task = use_chat and task not in NO_CHAT_TASKS
         for idx, row in enumerate(load_samples(bcfg.data_dir, task, longbench_e, bcfg.get("limit"))):
             meta = {"answers": row["answers"], "all_classes": row.get("all_classes") or [],
-                    "length": row.get("length"), "_id": row.get("_id", idx)}
+                    "length": row.get("length"), "_id": row.get("_id", idx), "max_input_tokens": max_len}
             uid = f"{task}/{idx}"
             fields = {k: (v if v is not None else "") for k, v in row.items()}
             if query_mode == "aware":
@@ -170,6 +187,14 @@ def score(records: list[dict], bcfg) -> dict:
         if vals:
             cats[cat] = round(sum(vals) / len(vals), 2)
     out["categories"] = cats
+    used = sorted({int(r["max_input_tokens"]) for r in records if r.get("max_input_tokens") is not None})
+    conf = bcfg.get("max_input_tokens")
+    out["header"] = [
+        "truncation: prompts middle-truncated to "
+        + (f"{used[0]}" if len(used) == 1 else f"{used[0]}-{used[-1]}" if used else "?") + " tokens"
+        + (f" (max_input_tokens={conf}: the model config's longbench_max_len, official model2maxlen value, unless "
+           "overridden)" if conf is not None else " (max_model_len - 500: no official value for this model)")
+        + (" [clamped to max_model_len - new tokens]" if conf is not None and used and used[0] < int(conf) else "")]
     if longbench_e:
         out["buckets"] = {
             t: {b: (round(100 * sum(v) / len(v), 2) if v else None) for b, v in buckets[t].items()} for t in order
