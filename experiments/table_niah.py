@@ -2,6 +2,7 @@
 
     python -m experiments.table_niah                       # small-scale (minutes on CPU)
     python -m experiments.table_niah --lengths 1024,2048,4096 --kv_budget 512 --model /models/Qwen2.5-7B-Instruct-1M
+    python -m experiments.table_niah --preset ruler --lengths 4096,8192 --depths preset   # RULER's grid
 
 Writes experiments/results/eval_niah.md (one row per method, per-length accuracy, KV %) and leaves
 each run (predictions, summary, heatmap PNG) under runs/eval_tables/niah/.
@@ -16,21 +17,25 @@ from benchmark.eval_runner import TABLE_METHODS, list_arg as _list, run_table
 
 def main(lengths: str = "256,512,1024", depths: str = "0,25,50,75,100", kv_budget: int = 128,
          methods: str = ",".join(TABLE_METHODS), model: str | None = None, results_root: str = "runs/eval_tables",
-         out: str = "experiments/results/eval_niah.md"):
+         out: str = "experiments/results/eval_niah.md", preset: str = "default"):
+    """``--preset default|ruler|gkamradt`` (benchmark/niah); ``--depths preset`` takes the preset's grid."""
     lengths = _list(lengths, int)
-    depths = _list(depths, int)
-    ov = [f"benchmark.context_lengths=[{','.join(map(str, lengths))}]",
-          f"benchmark.depths=[{','.join(map(str, depths))}]"]
+    ov = [f"benchmark.preset={preset}", f"benchmark.context_lengths=[{','.join(map(str, lengths))}]"]
+    if str(depths) != "preset":
+        depths = ",".join(f"{d:g}" for d in _list(depths, float))
+        ov.append(f"benchmark.depths=[{depths}]")
     if model:
         ov.append(f"model.path={model}")
-    cmd = (f"python -m experiments.table_niah --lengths {','.join(map(str, lengths))} "
-           f"--depths {','.join(map(str, depths))} --kv_budget {kv_budget} --methods {','.join(_list(methods))}"
+    cmd = (f"python -m experiments.table_niah --preset {preset} --lengths {','.join(map(str, lengths))} "
+           f"--depths {depths} --kv_budget {kv_budget} --methods {','.join(_list(methods))}"
            + (f" --model {model}" if model else ""))
-    notes = ("Exact retrieval of a 7-digit needle from the shipped news text (benchmark/niah). KV % = bytes a "
+    notes = (f"NIAH preset: {preset}. Exact retrieval of a 7-digit needle from the shipped news text "
+             "(benchmark/niah). KV % = bytes a "
              "request held at its end / full-cache bytes of the same tokens, averaged over requests. Heatmaps: "
              f"{results_root}/niah/<run>/niah_heatmap.png.")
     run_table("niah", ov, methods=_list(methods),
-              kv_budget=kv_budget, results_root=results_root, out_md=out, title="NIAH by method", command=cmd,
+              kv_budget=kv_budget, results_root=results_root, out_md=out, title=f"NIAH ({preset}) by method",
+              command=cmd,
               notes=notes)
 
 

@@ -9,6 +9,22 @@ nearest before d% of the haystack, and the model is asked for the number. Scorin
 retrieval: 1 when the 7 digits appear verbatim in the answer. ``artifacts`` draws the depth x
 length heatmap (``niah_heatmap.png``).
 
+Presets (``benchmark.preset``; the summary / table header names it):
+
+* ``default``: the above; depths [0, 25, 50, 75, 100], 16 new tokens.
+* ``ruler``: RULER's single-needle task (niah_single_2: words key, 7-digit number value): its
+  template with the singular wording the single-needle case gets ("A special magic number is hidden
+  ... What is the special magic number for {key} ...", answer prefix "... is"), its needle, the
+  needle inserted between sentences at ``int(n_sentences * depth / 100)``, its depth grid
+  (``round(linspace(0, 100, 40))``), 128 new tokens, and its length accounting: L = prompt tokens +
+  the tokens to generate. The haystack is the shipped news text (RULER uses Paul Graham essays).
+* ``gkamradt``: LLMTest_NeedleInAHaystack's construction: system prompt, the document as one user
+  message and the question as another, the haystack trimmed by tokens to L - 200 (its
+  ``final_context_length_buffer``) including the needle, the needle inserted at the token position
+  ``int(n_tokens * depth / 100)`` moved back to just after a "." token (the end at 100%), its depth grid
+  (``round(linspace(0, 100, 35))``), 300 new tokens. The needle is the magic-number sentence scored by
+  exact retrieval (the original asks about San Francisco and grades with an LLM judge).
+
 Query-agnostic mode: the instruction + haystack is the context, the question is the only turn.
 """
 
@@ -28,18 +44,69 @@ INSTRUCTION = ("Some special magic numbers are hidden within the following text.
 QUESTION = "\n\nWhat is the special magic number for {key} mentioned in the provided text?"
 ANSWER_PREFIX = " The special magic number for {key} mentioned in the provided text is"
 NEEDLE = " One of the special magic numbers for {key} is: {value}. "
+# RULER (scripts/data/synthetic/constants.py + niah.py): the niah template after the single-needle
+# replacements ('Some' -> 'A', 'are all' -> 'is', 'are' -> 'is', 'numbers' -> 'number'); the needle keeps
+# the plural. The answer prefix ends the prompt.
+RULER_TEMPLATE = ("A special magic number is hidden within the following text. Make sure to memorize it. I will quiz "
+                  "you about the number afterwards.\n{context}\nWhat is the special magic number for {query} "
+                  "mentioned in the provided text?")
+RULER_ANSWER_PREFIX = " The special magic number for {query} mentioned in the provided text is"
+RULER_NEEDLE = "One of the special magic numbers for {key} is: {value}."
+RULER_DEPTHS = [int(round(100 * i / 39)) for i in range(40)]  # np.round(np.linspace(0, 100, num=40))
+# gkamradt/LLMTest_NeedleInAHaystack (llm_needle_haystack_tester.py, providers/openai.py)
+GK_SYSTEM = "You are a helpful AI bot that answers questions for a user. Keep your response short and direct"
+GK_QUESTION_SUFFIX = " Don't give information outside the document or repeat your findings"
+GK_NEEDLE = "\nOne of the special magic numbers for {key} is: {value}.\n"
+GK_QUESTION = "What is the special magic number for {key}?"
+GK_BUFFER = 200  # final_context_length_buffer
+GK_DEPTHS = [int(round(100 * i / 34)) for i in range(35)]  # np.round(np.linspace(0, 100, num=35))
+PRESETS = {
+    "default": {"depths": [0, 25, 50, 75, 100], "max_tokens": 16},
+    "ruler": {"depths": RULER_DEPTHS, "max_tokens": 128},
+    "gkamradt": {"depths": GK_DEPTHS, "max_tokens": 300},
+}
+
 KEYS = ("amber-lighthouse", "quiet-harbor", "silver-orchard", "crimson-falcon", "paper-meadow", "iron-canyon",
         "velvet-river", "copper-summit", "misty-garden", "golden-anchor", "frozen-tulip", "hollow-cedar")
+
+
+def preset_of(bcfg) -> str:
+    preset = (bcfg.get("preset") if bcfg is not None else None) or "default"
+    if preset not in PRESETS:
+        from benchmark.eval_runner import unknown_name
+
+        raise unknown_name("NIAH preset", preset, PRESETS, hint="benchmark.preset=")
+    return preset
+
+
+def depths_of(bcfg) -> list[float]:
+    """``benchmark.depths``, or the preset's depth grid when it is null."""
+    d = bcfg.get("depths") if bcfg is not None else None
+    return [float(x) for x in (PRESETS[preset_of(bcfg)]["depths"] if d is None else d)]
+
+
+def max_tokens_of(bcfg) -> int:
+    m = bcfg.get("max_tokens")
+    return int(PRESETS[preset_of(bcfg)]["max_tokens"] if m is None else m)
+
+
+def target_tokens(preset: str, length: int, max_tokens: int) -> int:
+    """What a sample of nominal length L is sized to: default: prompt tokens = L; ruler: prompt tokens =
+    L - tokens to generate (RULER's max_seq_length counts them); gkamradt: document (haystack + needle)
+    tokens = L - 200 (its buffer for the system prompt, the question and the answer)."""
+    return {"default": length, "ruler": length - max_tokens, "gkamradt": length - GK_BUFFER}[preset]
 
 
 def check_data(bcfg) -> None:
     from data_prepare.resources import shipped_text_path
 
     shipped_text_path()  # raises with the pip command when gensim's corpus is missing
+    preset = preset_of(bcfg)
     for L in bcfg.context_lengths:
-        if int(L) < 64:
-            raise ValueError(f"NIAH context length {L} is too small (>= 64 tokens)")
-    for d in bcfg.depths:
+        if target_tokens(preset, int(L), max_tokens_of(bcfg)) < 64:
+            raise ValueError(f"NIAH context length {L} is too small for preset {preset} (>= 64 tokens of "
+                             f"{'prompt' if preset != 'gkamradt' else 'document'} needed)")
+    for d in depths_of(bcfg):
         if not 0 <= float(d) <= 100:
             raise ValueError(f"NIAH depth {d} must be a percentage in [0, 100]")
 
@@ -127,25 +194,137 @@ def make_sample(tokenizer, length: int, depth: float, rng: random.Random, use_ch
     return best
 
 
+def _sentences(text: str) -> list[str]:
+    import re
+
+    return [x for x in re.split(r"(?<=[.!?])\s+", text.strip()) if x]
+
+
+def make_sample_ruler(tokenizer, target: int, depth: float, rng: random.Random, use_chat: bool) -> dict:
+    """RULER niah_single_2 on the shipped text, sized to ``target`` prompt tokens (within 1%)."""
+    key = rng.choice(KEYS)
+    value = str(rng.randint(1_000_000, 9_999_999))
+    hay_ids, starts = _haystack_tokens(id(tokenizer), tokenizer)
+    needle = RULER_NEEDLE.format(key=key, value=value)
+    head_t, tail_t = RULER_TEMPLATE.split("{context}")
+    answer_prefix = RULER_ANSWER_PREFIX.format(query=key)
+
+    def render(haystack: str) -> tuple[str, str]:
+        ctx, q = chat_split(tokenizer, head_t + haystack, tail_t.format(query=key), use_chat)
+        return ctx, (q + answer_prefix.strip() if use_chat else q + answer_prefix)
+
+    def build(budget: int):
+        sents = _sentences(tokenizer.decode(_cycle(hay_ids, start, budget), skip_special_tokens=True))
+        pos = int(len(sents) * depth / 100)
+        haystack = " ".join([" ".join(sents[:pos]), needle, " ".join(sents[pos:])]).strip()
+        ctx, q = render(haystack)
+        ctx_ids = encode_prompt(tokenizer, ctx, use_chat)
+        q_ids = encode(tokenizer, q, add_special_tokens=False)
+        return {"key": key, "value": value, "context": ctx, "query": q, "context_ids": ctx_ids, "query_ids": q_ids,
+                "actual_tokens": len(ctx_ids) + len(q_ids), "measured": len(ctx_ids) + len(q_ids)}
+
+    start = starts[rng.randrange(len(starts))]
+    return _fit(build, target, target - 64)  # the template takes ~60 tokens; _fit corrects the rest
+
+
+def make_sample_gkamradt(tokenizer, target: int, depth: float, rng: random.Random, use_chat: bool) -> dict:
+    """LLMTest_NeedleInAHaystack's construction on the shipped text: a document of ``target`` tokens
+    (haystack + needle, within 1%), the needle at the token depth moved back to a "." token."""
+    key = rng.choice(KEYS)
+    value = str(rng.randint(1_000_000, 9_999_999))
+    hay_ids, starts = _haystack_tokens(id(tokenizer), tokenizer)
+    needle_ids = encode(tokenizer, GK_NEEDLE.format(key=key, value=value), add_special_tokens=False)
+    period = set(encode(tokenizer, ".", add_special_tokens=False))
+    question = GK_QUESTION.format(key=key) + GK_QUESTION_SUFFIX
+    start = starts[rng.randrange(len(starts))]
+
+    def build(n_doc: int):
+        hay = _cycle(hay_ids, start, max(1, n_doc - len(needle_ids)))
+        if depth >= 100:
+            doc_ids = hay + needle_ids
+        else:
+            cut = int(len(hay) * depth / 100)
+            while cut > 0 and hay[cut - 1] not in period:
+                cut -= 1
+            doc_ids = hay[:cut] + needle_ids + hay[cut:]
+        document = tokenizer.decode(doc_ids, skip_special_tokens=True)
+        if use_chat:
+            msgs = [{"role": "system", "content": GK_SYSTEM}, {"role": "user", "content": document},
+                    {"role": "user", "content": _SPLIT}]
+            try:
+                rendered = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            except Exception:  # noqa: BLE001 - a template that refuses two user turns in a row: one message
+                msgs = msgs[:1] + [{"role": "user", "content": document + "\n\n" + _SPLIT}]
+                rendered = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            ctx, q = rendered.split(_SPLIT, 1)
+            q = question + q
+        else:
+            ctx, q = GK_SYSTEM + "\n\n" + document + "\n\n", question
+        ctx_ids = encode_prompt(tokenizer, ctx, use_chat)
+        q_ids = encode(tokenizer, q, add_special_tokens=False)
+        return {"key": key, "value": value, "context": ctx, "query": q, "context_ids": ctx_ids, "query_ids": q_ids,
+                "actual_tokens": len(ctx_ids) + len(q_ids), "document_tokens": len(doc_ids),
+                "measured": len(encode(tokenizer, document, add_special_tokens=False))}
+
+    smp = build(target)  # exactly `target` document tokens, as the original builds them (no re-fitting)
+    if abs(smp["measured"] - target) > length_tolerance(target):
+        raise ValueError(f"NIAH gkamradt document re-encodes to {smp['measured']} tokens for {target} "
+                         f"(tolerance {length_tolerance(target)})")
+    return smp
+
+
+_SPLIT = "[SEPSEPSEP]"
+
+
+def _fit(build, target: int, budget: int) -> dict:
+    """Call ``build(budget)`` and correct the budget by the measured miss until the sample measures
+    ``target`` tokens (a few tokens merge or split where text is decoded and encoded again)."""
+    best = None
+    for _ in range(8):
+        smp = build(max(16, budget))
+        miss = target - smp["measured"]
+        if best is None or abs(miss) < abs(target - best["measured"]):
+            best = smp
+        if miss == 0:
+            break
+        budget += miss
+    if abs(target - best["measured"]) > length_tolerance(target):
+        raise ValueError(f"NIAH sample came out at {best['measured']} tokens for {target} "
+                         f"(tolerance {length_tolerance(target)})")
+    return best
+
+
 def build_requests(bcfg, tokenizer, max_model_len: int, query_mode: str = "aware") -> list[Request]:
     check_data(bcfg)
+    preset = preset_of(bcfg)
     use_chat = bool(bcfg.get("chat_template", True)) and has_chat_template(tokenizer)
-    params = GenParams(max_tokens=int(bcfg.get("max_tokens", 16)), temperature=0.0)
+    params = GenParams(max_tokens=max_tokens_of(bcfg), temperature=0.0)
     reqs = []
     for L in bcfg.context_lengths:
         L = int(L)
-        if L + params.max_tokens > max_model_len:
-            raise ValueError(f"NIAH context length {L} + {params.max_tokens} new tokens exceeds max_model_len "
-                             f"{max_model_len}")
-        for d in bcfg.depths:
+        target = target_tokens(preset, L, params.max_tokens)
+        if target + params.max_tokens > max_model_len:  # before any haystack is built
+            raise ValueError(f"NIAH context length {L} ({target} tokens + {params.max_tokens} new tokens) exceeds "
+                             f"max_model_len {max_model_len}")
+        for d in depths_of(bcfg):
             for s in range(int(bcfg.get("samples_per_cell", 1))):
-                rng = random.Random(f"{bcfg.get('seed', 0)}/{L}/{d}/{s}")
-                smp = make_sample(tokenizer, L, float(d), rng, use_chat)
+                rng = random.Random(f"{bcfg.get('seed', 0)}/{L}/{d:g}/{s}")
+                if preset == "default":
+                    smp = make_sample(tokenizer, L, float(d), rng, use_chat)
+                    assert abs(smp["actual_tokens"] - L) <= length_tolerance(L)
+                elif preset == "ruler":
+                    smp = make_sample_ruler(tokenizer, target, float(d), rng, use_chat)
+                else:
+                    smp = make_sample_gkamradt(tokenizer, target, float(d), rng, use_chat)
                 ctx_ids, q_ids = smp["context_ids"], smp["query_ids"]
-                assert abs(len(ctx_ids) + len(q_ids) - L) <= length_tolerance(L)
+                if len(ctx_ids) + len(q_ids) + params.max_tokens > max_model_len:
+                    raise ValueError(f"NIAH context length {L}: {len(ctx_ids) + len(q_ids)} prompt tokens + "
+                                     f"{params.max_tokens} new tokens exceed max_model_len {max_model_len}")
                 meta = {"length": L, "depth": float(d), "sample": s, "needle": smp["value"], "key": smp["key"],
-                        "actual_tokens": len(ctx_ids) + len(q_ids)}
-                uid = f"niah/L{L}/d{d}/s{s}"
+                        "actual_tokens": len(ctx_ids) + len(q_ids), "preset": preset}
+                if "document_tokens" in smp:
+                    meta["document_tokens"] = smp["document_tokens"]
+                uid = f"niah/L{L}/d{d:g}/s{s}"
                 if query_mode == "aware":
                     reqs.append(Request(uid=uid, task="niah", prompt_ids=ctx_ids + q_ids, params=params, meta=meta))
                 else:
@@ -179,9 +358,14 @@ def score(records: list[dict], bcfg) -> dict:
         per_len[f"L={L}"] = round(100 * sum(vals) / len(vals), 2)
     allv = [v for vs in cells.values() for v in vs]
     actual = actual_lengths(records)
-    header = ["actual prompt tokens per asked length: " + ", ".join(
-        f"{k}: {v['min']}" + (f"-{v['max']}" if v["max"] != v["min"] else "") for k, v in actual.items())]
-    return {"metric": "exact retrieval of the needle's 7-digit value (%)", "scores": per_len,
+    preset = preset_of(bcfg)
+    what = {"default": "prompt tokens = L", "ruler": "RULER: prompt + generated tokens = L",
+            "gkamradt": "gkamradt: haystack + needle tokens = L - 200"}[preset]
+    header = [f"NIAH preset: {preset} ({what}; depths {', '.join(f'{d:g}' for d in depths)})",
+              "actual prompt tokens per asked length: " + ", ".join(
+                  f"{k}: {v['min']}" + (f"-{v['max']}" if v["max"] != v["min"] else "") for k, v in actual.items())]
+    return {"metric": f"exact retrieval of the needle's 7-digit value (%), preset {preset}", "scores": per_len,
+            "preset": preset,
             "n": {f"L={L}": sum(len(cells[(L, d)]) for d in depths if (L, d) in cells) for L in lengths},
             "average": round(100 * sum(allv) / len(allv), 2) if allv else None, "grid": grid,
             "actual_tokens": actual, "header": header}
