@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from benchmark.eval_runner import CONF_DIR, ConfigError, method_and_knobs, model_ref
+from benchmark.eval_runner import CONF_DIR, ConfigError, method_and_knobs, model_ref, validate_cli
 
 from .app import ServeSettings, build_app
 
@@ -112,6 +112,13 @@ def _fail(exc) -> None:
 
 def main():
     import hydra
+
+    if "-m" in sys.argv[1:] or "--multirun" in sys.argv[1:]:
+        _fail("deltakv-serve runs one server: no -m / --multirun")
+    try:  # group choices (method=, model=), method.name and kv_budget, before Hydra silently skips a bad one
+        validate_cli(sys.argv[1:], multirun=False)
+    except (ConfigError, FileNotFoundError, ValueError, ImportError, KeyError) as exc:
+        _fail(exc)
 
     @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")
     def _main(cfg):

@@ -464,3 +464,12 @@ def test_serve_bench_against_a_live_server(server, model_dir, tmp_path):
     md = out.read_text()
     assert md.startswith("Command: `python -m benchmark.serve_bench") and "| tiny | 6 | 6 |" in md
     assert out.with_suffix(".csv").read_text().startswith("# python -m benchmark.serve_bench")
+
+
+def test_deltakv_serve_refuses_bad_names_before_loading_anything():
+    """A bad method / model group name is a clear error (exit 2), not a silently skipped optional group."""
+    for arg, want in (("method=snapvk", "Closest: 'snapkv'"), ("model=smollm", "Closest: 'smollm2_135m'"),
+                      ("kv_budget=0.5", "kv_budget must be")):
+        proc = subprocess.run([sys.executable, "-m", "serving.cli", arg, "port=1"], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and want in proc.stderr and "Traceback" not in proc.stderr, (arg, proc.stderr)
