@@ -35,6 +35,8 @@ class ModelConfig:
         attn_implementation: HF attention backend (``sdpa`` | ``eager`` | ``flash_attention_2``).
         gradient_checkpointing: recompute decoder layers in backward (big models).
         full_attn_layers: layers never compressed (kept at full precision).
+        longbench_max_len: LongBench truncation length of this model (read by ``deltakv-eval``; the
+            ``model`` group is shared with it); training ignores it.
     """
 
     path: str | None = "smollm2-135m"
@@ -42,6 +44,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     full_attn_layers: list[int] = field(default_factory=lambda: [0, 1, 2])
+    longbench_max_len: int | None = None
 
 
 @dataclass
