@@ -247,6 +247,13 @@ def write_table(rows: list[dict], columns: list[str], out: Path, stem: str, comm
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
+def read_results_csv(path: str | Path) -> tuple[str, list[dict]]:
+    """A results CSV written here: (its first line, the `# command` comment; the rows as dicts)."""
+    with open(path) as f:
+        first = f.readline()
+        return first, list(csv.DictReader(f))
+
+
 def write_results(rows: list[dict], out: Path, command: str = "deltakv-bench", env: str = "") -> None:
     write_table(rows, COLUMNS, out, "results", command, env, NOTES["fixed"])
 

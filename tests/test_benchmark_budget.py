@@ -4,7 +4,6 @@ results files."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,18 +12,15 @@ import pytest
 
 from benchmark.budget import (matched_budget, needle_depths, niah_prompts, parse_variants, vanilla_fit_bytes)
 from benchmark.metrics import niah_score
-from benchmark.throughput import BenchConfigError, bench, main
+from benchmark.throughput import BenchConfigError, bench, main, read_results_csv
 from deltakv.checkpoint import save_compressor
-from tests.test_deltakv_inference import tiny_compressor
+from deltakv.testing import tiny_compressor
 
 LEN, N, DECODE = 160, 3, 4
 BYTES_PER_TOKEN = 4 * 2 * 16 * 2 * 4  # tiny llama: layers x kv_heads x head_dim x (K, V) x float32
 
 
-def _csv(path: Path) -> tuple[str, list[dict]]:
-    with open(path) as f:
-        first = f.readline()
-        return first, list(csv.DictReader(f))
+_csv = read_results_csv  # the CSV reader users get (the first line is the command)
 
 
 @pytest.fixture(scope="module")

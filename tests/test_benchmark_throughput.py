@@ -3,27 +3,25 @@ the torch-op counter, option errors and `--help`."""
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
 import torch
 
 from benchmark.hf_timing import StepTimer, hf_decode_step, pad_left, run_hf_mixed, timed_generate
 from benchmark.mixed import mixed_lengths, mixed_prompts
 from benchmark.throughput import (BenchConfigError, bench, count_top_level_ops, engine_decode_ops, main,
+                                  read_results_csv,
                                   real_text_prompts)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _csv_rows(path: Path) -> tuple[str, list[dict]]:
-    with open(path) as f:
-        first = f.readline()
-        return first, list(csv.DictReader(f))
+_csv_rows = read_results_csv  # the CSV reader users get (the first line is the command)
 
 
 @pytest.fixture(scope="module")
