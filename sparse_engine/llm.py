@@ -7,9 +7,12 @@ ModelRunner.run (one flattened forward) -> Attention layer -> cache method (writ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
+import signal
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -41,6 +44,24 @@ def _load_tokenizer(path):
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def deferred_sigint():
+    """Hold a SIGINT that arrives inside the block and raise KeyboardInterrupt when it ends. Only in
+    the main thread while Python's default handler is installed (a framework's own handler is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt("interrupted (Ctrl-C); the engine step in progress was completed first")
 
 
 def derived_seed(engine_seed: int, request_index: int) -> int:
@@ -214,8 +235,11 @@ class LLM:
             )
         return ids, seg_lens
 
-    def _enqueue(self, ids: list[int], params: SamplingParams, seg_lens, request_index: int | None) -> Sequence:
+    def _enqueue(self, ids: list[int], params: SamplingParams, seg_lens, request_index: int | None,
+                 own: list[Sequence] | None = None) -> Sequence:
         seq = self._new_sequence(ids, params, request_index, segments=seg_lens)
+        if own is not None:
+            own.append(seq)  # the caller owns it before any engine state refers to it (rollback sees it)
         self._seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -237,9 +261,17 @@ class LLM:
             seq.generator = torch.Generator().manual_seed(seed)
         return seq
 
-    @torch.inference_mode()  # tables and pool are touched only under inference mode (no autograd state)
     def step(self) -> list[Sequence]:
-        """Run one scheduler step; return the sequences that finished in it."""
+        """Run one scheduler step; return the sequences that finished in it.
+
+        A Ctrl-C (SIGINT) that arrives during the step is held until the step is complete and then
+        raised as KeyboardInterrupt: no method's tables, pool or scratch are left half-updated, so the
+        caller's cleanup finds every slot where it belongs (main thread, default SIGINT handler only)."""
+        with deferred_sigint():
+            return self._step()
+
+    @torch.inference_mode()  # tables and pool are touched only under inference mode (no autograd state)
+    def _step(self) -> list[Sequence]:
         batch = self.scheduler.schedule()
         samplers, logits = self.runner.run(batch)
         for seq, n in batch:
@@ -367,7 +399,7 @@ class LLM:
         bar = tqdm(total=len(checked), desc="generate", disable=not use_tqdm, dynamic_ncols=True)
         try:
             for i, ((ids, seg_lens), sp) in enumerate(zip(checked, params)):
-                seqs.append(self._enqueue(ids, sp, seg_lens, request_index=i))
+                self._enqueue(ids, sp, seg_lens, request_index=i, own=seqs)
             while self.scheduler.has_work():
                 bar.update(len(self.step()))
         except BaseException:
@@ -400,6 +432,10 @@ class LLM:
         (waiting, running, held or half-finished) and return every slot and latent row they hold.
         Other callers' running sequences are re-queued to recompute their KV: an interrupted step may
         have appended slots to their tables without counting the tokens as computed."""
+        with deferred_sigint():  # a second Ctrl-C waits for the cleanup
+            self._drop_now(own)
+
+    def _drop_now(self, own: list[Sequence]) -> None:
         sched = self.scheduler
         mine = {id(s) for s in own}
         for seq in own:

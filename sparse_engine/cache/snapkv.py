@@ -205,8 +205,11 @@ class SnapKVCache(CacheMethod):
             mask = torch.ones(t, dtype=torch.bool)
             mask[keep[h]] = False
             dropped.append(slots[h][mask])
-        table.replace([slots[h][keep[h]] for h in range(table.num_kv_heads)])
+        kept = [slots[h][keep[h]] for h in range(table.num_kv_heads)]  # copies: `slots` is a view of the table
+        # Free, then remove: an interrupt inside `free` leaves the dropped slots in the table, where the
+        # sequence's release finds them (removed first, they would be owned by nothing: leaked).
         self.pool.free(torch.cat(dropped))  # real eviction: the slots go back to the pool
+        table.replace(kept)
 
     # ------------------------------------------------------------------ accounting
     def expected_kv_tokens(self, prompt_len: int) -> int:
