@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -122,9 +123,27 @@ def pack_dataset(cfg: PackConfig, tokenizer, force: bool = False):
     return load_from_disk(str(out)), out
 
 
-def main() -> None:
-    import hydra
+def _pack_config(cfg) -> PackConfig:
+    """The ``data`` group as a ``PackConfig``; a required value left at ``???`` (``data=text`` /
+    ``jsonl`` / ``hf_disk`` without a path) is a one-line error naming the override to add."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        data = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = re.sub(r"\[(\d+)\]", r".\1", str(getattr(e, "full_key", None) or "data"))  # sources[0] -> sources.0
+        key = key if key.startswith("data") else f"data.{key}"
+        raise ValueError(f"{key} is required and not set: this data source reads local files, add {key}=/path/to/"
+                         "your/data (a file, a folder or a glob; nothing is downloaded), or use data=news "
+                         "(the shipped corpus).") from None
+    return PackConfig.from_dict(data)
+
+
+def main() -> None:
+    import sys
+
+    import hydra
 
     @hydra.main(config_path=CONF_DIR, config_name="pack", version_base="1.3")
     def _run(cfg) -> None:
@@ -132,9 +151,15 @@ def main() -> None:
 
         from data_prepare.resources import resolve_model_path
 
-        pack_cfg = PackConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
-        dd, folder = pack_dataset(pack_cfg, tokenizer, force=bool(cfg.get("force", False)))
+        try:
+            pack_cfg = _pack_config(cfg)
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
+            dd, folder = pack_dataset(pack_cfg, tokenizer, force=bool(cfg.get("force", False)))
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"deltakv-pack: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         print(f"packed dataset: {folder}")
         for split, ds in dd.items():
             print(f"  {split:<11} {len(ds):>7} sequences x {pack_cfg.seq_len} tokens")

@@ -6,6 +6,9 @@ unknown keys and missing required values with messages that name the fix.
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 
 from data_prepare.config import PackConfig
@@ -22,7 +25,52 @@ def _strict(cls, data: dict | None, where: str):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"Unknown key(s) {unknown} in `{where}`; valid keys: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        _check_type(f"{where}.{key}", value, hints[key])
     return cls(**data)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _matches(value, tp) -> bool:
+    """Whether a config value (as Hydra / OmegaConf gives it) fits a dataclass annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list or tp is list:
+        args = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict or tp is dict:
+        args = typing.get_args(tp)
+        return isinstance(value, dict) and (not args or all(_matches(k, args[0]) and _matches(v, args[1])
+                                                             for k, v in value.items()))
+    return True  # nested specs (ReferenceSpec) check themselves
+
+
+def _check_type(name: str, value, tp) -> None:
+    if not _matches(value, tp):
+        raise ValueError(f"{name}={value!r} ({type(value).__name__}) is not a valid {_type_name(tp)}; "
+                         f"give e.g. `{name}=<{_type_name(tp)}>` on the command line or in the YAML")
+
+
+def _at_least(where: str, obj, minimum, *names: str) -> None:
+    for n in names:
+        value = getattr(obj, n)
+        if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)) and value < minimum:
+            raise ValueError(f"{where}.{n} must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -120,6 +168,27 @@ class TrainerConfig:
     torch_threads: int | None = None
     disable_tqdm: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.save_steps, int) and not isinstance(self.save_steps, bool) and self.save_steps < 1:
+            raise ValueError(f"trainer.save_steps={self.save_steps}: save a checkpoint every N >= 1 steps (to save "
+                             "rarely, give a number above trainer.max_steps)")
+        _at_least("trainer", self, 0, "max_steps", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm",
+                  "dataloader_num_workers")
+        _at_least("trainer", self, 1, "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                  "torch_threads")
+        if isinstance(self.save_total_limit, int) and self.save_total_limit < 1:
+            raise ValueError(f"trainer.save_total_limit={self.save_total_limit}: keep N >= 1 checkpoints, or null to "
+                             "keep all")
+        if not (self.bf16 == "auto" or isinstance(self.bf16, bool)):
+            raise ValueError(f"trainer.bf16={self.bf16!r}; choose auto, true or false")
+        try:
+            from transformers.trainer_utils import SchedulerType
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            return
+        kinds = [k.value for k in SchedulerType]
+        if self.lr_scheduler_type not in kinds:
+            raise ValueError(f"trainer.lr_scheduler_type={self.lr_scheduler_type!r}; choose one of {kinds}")
+
 
 @dataclass
 class EvalConfig:
@@ -128,6 +197,9 @@ class EvalConfig:
     enabled: bool = True
     max_sequences: int = 16
     batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        _at_least("eval", self, 1, "max_sequences", "batch_size")
 
 
 @dataclass
@@ -165,6 +237,7 @@ class TrainConfig:
         if not d.get("output_dir"):
             raise ValueError("output_dir is required (deltakv-train sets it to the Hydra run folder)")
         ds = d.get("deepspeed") or None
+        _check_type("seed", d.get("seed", 0), int)
         return cls(
             model=_strict(ModelConfig, d.get("model"), "model"),
             data=PackConfig.from_dict(dict(d.get("data") or {})),
@@ -174,7 +247,7 @@ class TrainConfig:
             eval=_strict(EvalConfig, d.get("eval"), "eval"),
             logger=_strict(LoggerConfig, d.get("logger"), "logger"),
             output_dir=str(d["output_dir"]),
-            seed=int(d.get("seed", 0)),
+            seed=d.get("seed", 0),
             deepspeed=dict(ds) if ds else None,
         )
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,16 +65,59 @@ def build_compressor_config(cfg: TrainConfig, model_config):
 
 
 def _resume_path(cfg: TrainConfig) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume from: ``trainer.resume=auto`` takes the newest complete one in the
+    output dir, skipping (with a warning) any that is incomplete or corrupt, e.g. one whose save was
+    killed by a pre-atomic version; an explicit path must be complete."""
+    from deltakv.checkpoint import training_checkpoint_problem
 
     r = cfg.trainer.resume
     if r == "never":
         return None
     if r == "auto":
-        return get_last_checkpoint(cfg.output_dir) if os.path.isdir(cfg.output_dir) else None
+        out = Path(cfg.output_dir)
+        if not out.is_dir():
+            return None
+        found = []
+        for p in out.iterdir():
+            m = _CHECKPOINT_RE.fullmatch(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+        skipped = []
+        for _, path in sorted(found, reverse=True):
+            problem = training_checkpoint_problem(path)
+            if problem is None:
+                if skipped:
+                    _warn(f"resuming from {path.name} instead: skipped " + "; ".join(skipped))
+                return str(path)
+            skipped.append(f"{path.name} ({problem})")
+        if skipped:
+            _warn("no complete checkpoint to resume from, starting from scratch: skipped " + "; ".join(skipped))
+        return None
     if not Path(r).exists():
         raise FileNotFoundError(f"trainer.resume={r} does not exist; use auto, never, or a checkpoint-* folder")
+    problem = training_checkpoint_problem(r)
+    if problem is not None:
+        raise ValueError(f"trainer.resume={r} cannot be resumed from: {problem}. Use trainer.resume=auto (the "
+                         "newest complete checkpoint) or another checkpoint-* folder.")
     return r
+
+
+_CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"deltakv-train: {message}", RuntimeWarning, stacklevel=3)
+    print(f"[deltakv] warning: {message}", file=sys.stderr)
+
+
+def _remove_stale_saves(out_dir: Path) -> None:
+    """Staging folders of saves that were killed before their rename (only the main process)."""
+    from deltakv.trainer import STAGING_PREFIX
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for p in list(out_dir.glob(f"{STAGING_PREFIX}-*")) + list(out_dir.glob(".trash-checkpoint-*")):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
@@ -79,7 +125,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     from transformers import set_seed
 
     from data_prepare.pack import pack_dataset
-    from deltakv.checkpoint import save_compressor
+    from deltakv.checkpoint import atomic_write, save_compressor
     from deltakv.compressor import DeltaKVCompressor
     from deltakv.evaluate import evaluate_reconstruction, format_table
     from deltakv.hf_model import load_frozen_lm
@@ -102,6 +148,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
           f"validation {len(data.get('validation', []))} sequences")
     device = next(lm.parameters()).device
     compressor = DeltaKVCompressor(comp_cfg).to(device)
+    _remove_stale_saves(out_dir)
     resume = _resume_path(cfg) if cfg.compressor.kind == "deltakv" else None
     timings, train_info = {}, {}
 
@@ -150,7 +197,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         print(format_table(metrics["eval"]))
     timings["total_s"] = round(time.time() - t0, 2)
     metrics["timings"] = timings
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2, default=str)))
     _print_summary(metrics)
     return metrics
 

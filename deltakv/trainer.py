@@ -10,12 +10,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from deltakv.checkpoint import load_compressor, save_compressor
+from deltakv.checkpoint import fsync_path, load_compressor, save_compressor
 from deltakv.config import TrainConfig
+
+
+STAGING_PREFIX = "staging-checkpoint"  # a checkpoint being written; renamed to checkpoint-N when complete
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -98,6 +103,39 @@ class DeltaKVTrainer(Trainer):
             sd = {k[len("compressor."):]: v for k, v in state_dict.items() if k.startswith("compressor.")} or None
         save_compressor(output_dir, self._compressor(), state_dict=sd, extra={"global_step": self.state.global_step})
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """HF's checkpoint save, made atomic: everything is written into ``staging-checkpoint-N``,
+        flushed, and only then renamed to ``checkpoint-N`` (a kill mid-save leaves no ``checkpoint-N``
+        that looks complete); older checkpoints are rotated out after the rename, never before."""
+        import transformers.trainer as hf_trainer
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        staging, final = run_dir / f"{STAGING_PREFIX}-{step}", run_dir / f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{step}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed mid-save
+        limit, prefix = self.args.save_total_limit, hf_trainer.PREFIX_CHECKPOINT_DIR
+        hf_trainer.PREFIX_CHECKPOINT_DIR, self.args.save_total_limit = STAGING_PREFIX, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            hf_trainer.PREFIX_CHECKPOINT_DIR, self.args.save_total_limit = prefix, limit
+        self.accelerator.wait_for_everyone()  # every rank's part (DeepSpeed shards) is in staging
+        if not self.args.should_save:
+            return
+        for f in staging.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        if final.exists():  # e.g. a corrupt checkpoint-N skipped on resume, now written again
+            trash = run_dir / f".trash-{final.name}-{os.getpid()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(staging, final)
+        fsync_path(run_dir)
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         loaded = load_compressor(resume_from_checkpoint)
