@@ -54,6 +54,7 @@ KNOBS = {
     "deltakv": dict(deltakv_path=_tiny_deltakv_compressor, latent_dtype="int8", num_top_tokens=16,
                     num_top_tokens_in_prefill=32, recent_size=8, decode_compress_block=4),
     "sparsex": {},  # no segments, no separator: plain requests
+    "kivi": dict(bits=2, group_size=8, residual_length=8, sink_size=4),  # groups of 8: prompts >= 20 quantize
 }
 
 

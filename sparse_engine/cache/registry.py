@@ -6,6 +6,7 @@ import difflib
 
 from .base import CacheMethod
 from .deltakv import DeltaKVCache
+from .kivi import KiviCache
 from .omnikv import OmniKVCache
 from .pyramidkv import PyramidKVCache
 from .snapkv import AdaKVCache, SnapKVCache
@@ -22,6 +23,7 @@ METHODS: dict[str, type[CacheMethod]] = {
     "streaming": StreamingCache,
     "deltakv": DeltaKVCache,
     "sparsex": SparseXCache,
+    "kivi": KiviCache,
 }
 
 

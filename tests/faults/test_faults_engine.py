@@ -33,6 +33,7 @@ KNOBS = {
     "pyramidkv": dict(budget=64, window_size=8),
     "streaming": dict(budget=48, sink_size=4),
     "omnikv": dict(full_attn_layers=[0], num_top_tokens=16, num_top_tokens_in_prefill=32, recent_size=8),
+    "kivi": dict(bits=2, group_size=8, residual_length=8, sink_size=4),  # head_dim 16: groups of 8
 }
 
 

@@ -1,0 +1,240 @@
+"""KIVI storage for a set of layers: quantized blocks outside the pool + a full-precision tail.
+
+Shared by `method=kivi` (every layer) and DeltaKV's full layers (`full_layer_kv_quant_bits`).
+
+Each of the `layers` of a sequence keeps at full precision, in pool slots, the first `sinks` tokens
+and the TAIL [quant_upto, end); positions [sinks, quant_upto) live as KIVI blocks of `group_size`
+tokens (`kivi_quant.KiviCodec`, all KV heads of one layer per block) in one arena outside the pool.
+After a step, once the tail is `residual_length + group_size` long, the oldest whole groups beyond
+the last `residual_length` tokens are quantized and their slots freed (the DeltaKV reference
+engine's rule: quant_end = sinks + floor((end - sinks - residual) / G) * G).
+
+Reading: every step, each row group gets ONE block of scratch slots [G, Hkv, w] (w = its largest
+quantized count; padding points at the pool's trash row) that every quantized layer dequantizes its
+blocks into before attention (dequantized copies exist only for one layer at a time, freed at
+`end_step`), and one column order that puts the dequantized tokens between the sinks and the tail:
+the view is in POSITION order (column j = position j), so scorers that index by column (DeltaKV's
+observers) and the dense causal fast path work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..offload.latent_store import _RowArena
+from .base import BatchView
+from .kivi_quant import KiviCodec
+
+
+@dataclass
+class KiviState:
+    """Per sequence: blocks [Lq, nb] arena rows (host) of the quantized layers, block j holding
+    positions [sinks + j*G, sinks + (j+1)*G); quant_upto = sinks + nb*G."""
+
+    blocks: torch.Tensor
+    quant_upto: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.shape[1]
+
+
+class KiviBlockStore:
+    """Quantized blocks in one arena of uint8 rows (`block_bytes` each) with a reference count per
+    row (session forks share blocks). `limit_bytes` bounds it inside the run's KV budget."""
+
+    def __init__(self, codec: KiviCodec, device, limit_bytes: int | None = None):
+        self.codec = codec
+        limit = None if limit_bytes is None else limit_bytes // codec.block_bytes
+        self.arena = _RowArena(codec.block_bytes, device, limit=limit, fixed=limit is not None, name="KIVI block")
+        self.refs = torch.zeros(self.arena.capacity, dtype=torch.int32)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.codec.block_bytes
+
+    def put(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Quantize blocks k, v [nb, G, H, D]; returns their rows (host LongTensor [nb])."""
+        rows = self.codec.encode(k, v)
+        idx = self.arena.take(rows.shape[0])
+        if self.refs.numel() < self.arena.capacity:
+            self.refs = torch.cat([self.refs, torch.zeros(self.arena.capacity - self.refs.numel(), dtype=torch.int32)])
+        self.arena.data[idx.to(self.arena.data.device)] = rows.to(self.arena.data.device)
+        self.refs[idx] = 1
+        return idx
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized (k, v) [n, G, H, D] float32 of rows idx (any shape, flattened)."""
+        return self.codec.decode(self.arena.data[idx.reshape(-1).to(self.arena.data.device)])
+
+    def incref(self, idx: torch.Tensor) -> None:
+        if idx.numel():
+            self.refs.index_add_(0, idx.reshape(-1).cpu(), torch.ones(idx.numel(), dtype=torch.int32))
+
+    def free(self, idx: torch.Tensor) -> None:
+        if idx.numel() == 0:
+            return
+        idx = idx.reshape(-1).cpu()
+        self.refs.index_add_(0, idx, torch.full((idx.numel(),), -1, dtype=torch.int32))
+        if bool((self.refs[idx] < 0).any()):
+            raise RuntimeError("KIVI blocks freed more often than they were referenced (a double free)")
+        gone = idx[self.refs[idx] == 0].unique()
+        if gone.numel():
+            self.arena.give(gone)
+
+    @property
+    def used(self) -> int:
+        return self.arena.used
+
+
+@dataclass
+class _GroupKivi:
+    """One row group's KIVI step: scratch [G, Hkv, w] (padding -> trash), the real scratch slots,
+    rows [G, Lq, nb_max] (padding -> row 0), the position-order column map `cols` [G, Hkv, T + w]
+    over cat(table, scratch), lens [G, Hkv], valid [G, Hkv, T'], dense."""
+
+    scratch: torch.Tensor
+    scratch_real: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    lens: torch.Tensor
+    valid: torch.Tensor
+    dense: bool
+
+
+class KiviLayers:
+    """KIVI storage of `layers` (see the module docstring). The owner calls `compress` after each
+    step, `plan_step` in `begin_step`, `layer_view` for its quantized layers, `end_step`."""
+
+    def __init__(self, layers: list[int], codec: KiviCodec, sinks: int, residual_length: int, pool, spec):
+        self.layers = list(layers)
+        self.index = {l: i for i, l in enumerate(self.layers)}
+        self.codec, self.sinks, self.residual, self.pool, self.spec = codec, sinks, residual_length, pool, spec
+        self.G = codec.group_size
+        self.store = KiviBlockStore(codec, pool.device)
+        self.quantized_tokens = 0  # counter for kv_stats (token x layer)
+
+    # ------------------------------------------------------------------ sizes
+    def quant_end(self, num_tokens: int) -> int:
+        """Positions [sinks, quant_end) are quantized once `num_tokens` are cached."""
+        n = max(0, num_tokens - self.sinks - self.residual) // self.G * self.G
+        return self.sinks + n
+
+    def new_state(self) -> KiviState:
+        return KiviState(torch.zeros(len(self.layers), 0, dtype=torch.long), self.sinks)
+
+    def quantized(self, st: KiviState) -> int:
+        """Tokens of each quantized layer held as blocks."""
+        return st.num_blocks * self.G
+
+    def blocks_needed(self, st: KiviState | None, num_tokens: int) -> int:
+        """Blocks (all quantized layers) a sequence reaching `num_tokens` adds."""
+        done = st.quant_upto if st is not None else self.sinks
+        return max(0, self.quant_end(num_tokens) - done) // self.G * len(self.layers)
+
+    def max_full_tokens(self, num_tokens: int, chunk: int) -> int:
+        """Peak full-precision tokens of one quantized layer: sinks + residual + G - 1 left after the
+        last quantization, plus one step's new tokens (a prefill chunk) before `compress` runs."""
+        return min(num_tokens, self.sinks + self.residual + self.G - 1 + chunk)
+
+    def set_limit(self, limit_bytes: int | None) -> None:
+        self.store = KiviBlockStore(self.codec, self.pool.device, limit_bytes)
+
+    # ------------------------------------------------------------------ after a step
+    def compress(self, kv, st: KiviState, num_tokens: int) -> None:
+        """Quantize every whole group that left the residual window; free its slots."""
+        end = self.quant_end(num_tokens)
+        n = end - st.quant_upto
+        if n <= 0:
+            return
+        L, H, D, G, s = len(self.layers), self.spec.num_kv_heads, self.spec.head_dim, self.G, self.sinks
+        lidx = torch.tensor(self.layers, dtype=torch.long)
+        lens = kv.lens[lidx]
+        if bool((lens != lens[0, 0]).any()):
+            raise RuntimeError("KIVI layers must hold the same tokens in every layer and head (engine bug)")
+        t = int(lens[0, 0])
+        slots = kv.slots[lidx.to(kv.slots.device), :, s : s + n]  # [Lq, H, n]
+        nb = n // G
+
+        def blocks(x):  # [Lq, H, n, D] -> [Lq * nb, G, H, D]
+            return x.view(L, H, nb, G, D).permute(0, 2, 3, 1, 4).reshape(L * nb, G, H, D)
+
+        flat = slots.reshape(-1)
+        rows = self.store.put(blocks(self.pool.k[flat].view(L, H, n, D)), blocks(self.pool.v[flat].view(L, H, n, D)))
+        st.blocks = torch.cat([st.blocks, rows.view(L, nb)], dim=1)
+        st.quant_upto = end
+        self.pool.free(flat)
+        dev_l = lidx.to(kv.slots.device)
+        kv.slots[dev_l, :, s : t - n] = kv.slots[dev_l, :, s + n : t].clone()
+        kv.lens[lidx] -= n
+        self.quantized_tokens += n * L
+
+    # ------------------------------------------------------------------ per step
+    def plan_step(self, plan) -> dict:
+        """Per row group holding quantized tokens: scratch slots, rows and the view's column map."""
+        out = {}
+        if not self.layers:
+            return out
+        l0, dev, H = self.layers[0], self.pool.device, self.spec.num_kv_heads
+        for g in plan.groups:
+            states = [self._state(plan.seqs[b]) for b in g.bidx]
+            nq = [self.quantized(st) for st in states]
+            w = max(nq)
+            if w == 0:
+                continue
+            Gn = len(g.bidx)
+            real = self.pool.allocate(sum(nq) * H)
+            scratch = torch.full((Gn, H, w), self.pool.trash, dtype=torch.long, device=dev)
+            o = 0
+            for row, q in enumerate(nq):
+                scratch[row, :, :q] = real[o : o + q * H].view(H, q)
+                self.pool.pos[scratch[row, :, :q]] = torch.arange(self.sinks, self.sinks + q, device=dev)[None, :]
+                o += q * H
+            nb_max = w // self.G
+            rows = torch.zeros(Gn, len(self.layers), nb_max, dtype=torch.long)
+            for row, st in enumerate(states):
+                rows[row, :, : st.num_blocks] = st.blocks
+            lens_t = g.lens_host[:, l0, 0]  # full-precision tokens per sequence (same in every KIVI layer/head)
+            t = g.table.shape[-1]
+            new_lens = [int(lt) + q for lt, q in zip(lens_t.tolist(), nq)]
+            T = max(new_lens)
+            cols = torch.zeros(Gn, T, dtype=torch.long)
+            for row, (lt, q) in enumerate(zip(lens_t.tolist(), nq)):
+                s = min(self.sinks, lt)  # sinks, then the dequantized tokens, then the tail: position order
+                cols[row, : s + q + lt - s] = torch.cat([torch.arange(s), t + torch.arange(q), torch.arange(s, lt)])
+            lens = torch.tensor(new_lens, dtype=torch.long)[:, None].expand(Gn, H).contiguous().to(dev)
+            valid = torch.arange(T, device=dev)[None, None, :] < lens[:, :, None]
+            ends = {plan.starts[b] + plan.num_new[b] for b in g.bidx}
+            dense = (not g.decode and len(ends) == 1 and ends.pop() == T and all(x == T for x in new_lens)
+                     and len({plan.num_new[b] for b in g.bidx}) == 1)
+            out[id(g)] = _GroupKivi(scratch, real, rows, cols.to(dev)[:, None, :].expand(Gn, H, T).contiguous(),
+                                    lens, valid, dense)
+        return out
+
+    def _state(self, seq) -> KiviState:
+        st = seq.kv.state
+        return st if isinstance(st, KiviState) else st.kivi
+
+    def layer_view(self, gk: _GroupKivi, layer: int, table: torch.Tensor) -> BatchView:
+        """Dequantize `layer`'s blocks into the group's scratch and return the position-order view of
+        cat(table [G, Hkv, t], scratch)."""
+        Gn, H, w = gk.scratch.shape
+        k, v = self.store.get(gk.rows[:, self.index[layer]])  # [Gn * nb_max, G, H, D]
+        d = k.shape[-1]
+        k = k.reshape(Gn, w, H, d).transpose(1, 2).reshape(-1, d)
+        v = v.reshape(Gn, w, H, d).transpose(1, 2).reshape(-1, d)
+        flat, dt = gk.scratch.reshape(-1), self.pool.dtype
+        self.pool.k.index_copy_(0, flat, k.to(dt))
+        self.pool.v.index_copy_(0, flat, v.to(dt))
+        full = torch.cat([table, gk.scratch], dim=2)
+        return BatchView(full.gather(2, gk.cols), gk.lens, valid=gk.valid, dense=gk.dense)
+
+    def end_step(self, data: dict) -> None:
+        for gk in data.values():
+            self.pool.free(gk.scratch_real)
+
+    # ------------------------------------------------------------------ accounting
+    def bytes_held(self, st: KiviState) -> int:
+        return st.blocks.numel() * self.codec.block_bytes
