@@ -9,8 +9,11 @@ reference ``ref`` (see ``deltakv.reference``)::
 
 ``down``: ``linear`` | ``mlp_gelu`` | ``mlp_swiglu`` (``w3(silu(x1) * x2)`` with
 ``x1, x2 = w12(x).chunk(2)``), optionally plus a linear skip path (used by ``init=pca`` for the MLP
-kinds so the PCA projection is the starting point). ``up``: ``linear``. New kinds register in
-``DOWN_KINDS`` / ``UP_KINDS``.
+kinds so the PCA projection is the starting point). ``up``: ``linear`` (ours) | ``mlp_gelu``
+(``fc2(gelu(fc1(z)))``, hidden ``up_hidden``: what the reference builds for an up left on ``auto`` with
+``use_nonlinear_compressor=True``, CURRENTF/Sparse-vLLM ``src/sparsevllm/utils/compressor.py``
+``create_compressor``; its ``nn.Sequential`` keys ``0`` / ``2`` are our ``fc1`` / ``fc2``). New kinds
+register in ``DOWN_KINDS`` / ``UP_KINDS``.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class SwiGLUDown(_MLPDown):
 
 
 class LinearUp(nn.Module):
-    def __init__(self, latent: int, width: int, bias: bool):
+    def __init__(self, latent: int, width: int, hidden: int, bias: bool):
         super().__init__()
         self.proj = nn.Linear(latent, width, bias=bias)
 
@@ -77,8 +80,20 @@ class LinearUp(nn.Module):
         return self.proj(z)
 
 
+class GeluUp(nn.Module):
+    """``fc2(gelu(fc1(z)))``: the reference's ``mlp_gelu`` up (``Linear, GELU, Linear``)."""
+
+    def __init__(self, latent: int, width: int, hidden: int, bias: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(latent, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, width, bias=bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(z)))
+
+
 DOWN_KINDS: dict[str, type[nn.Module]] = {"linear": LinearDown, "mlp_gelu": GeluDown, "mlp_swiglu": SwiGLUDown}
-UP_KINDS: dict[str, type[nn.Module]] = {"linear": LinearUp}
+UP_KINDS: dict[str, type[nn.Module]] = {"linear": LinearUp, "mlp_gelu": GeluUp}
 
 
 @dataclass
@@ -93,6 +108,7 @@ class CompressorConfig:
         kv_compressed_size: latent width; must be < ``kv_width``.
         down / up: module kinds (``DOWN_KINDS`` / ``UP_KINDS``).
         down_hidden: hidden width of an MLP down (ignored by ``linear``).
+        up_hidden: hidden width of an MLP up (ignored by ``linear``; absent from older checkpoints).
         bias: whether the linear maps have biases.
         linear_skip: MLP downs get an extra linear skip path (set by ``init=pca``).
         reference: the shared ``ReferenceSpec`` (sinks, prototype stride, metric, top-k, weighting).
@@ -117,6 +133,7 @@ class CompressorConfig:
     reference: ReferenceSpec = field(default_factory=ReferenceSpec)
     method: str = "deltakv"
     k_after_norm: bool = False
+    up_hidden: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.reference, dict):
@@ -136,6 +153,9 @@ class CompressorConfig:
             )
         if self.down != "linear" and self.down_hidden <= 0:
             raise ValueError(f"compressor.down={self.down} needs compressor.down_hidden > 0 (e.g. {2 * self.kv_width})")
+        if self.up != "linear" and self.up_hidden <= 0:
+            raise ValueError(f"compressor.up={self.up} needs compressor.up_hidden > 0 (e.g. "
+                             f"{(self.kv_compressed_size + self.kv_width) // 2}, the reference's fallback)")
         bad = [i for i in self.layers + self.full_attn_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"Layer indices {bad} are outside the model's {self.num_hidden_layers} layers")
@@ -166,11 +186,11 @@ class ResidualCompressor(nn.Module):
     """One layer's down/up pair with the latent-space residual against a reference."""
 
     def __init__(self, width: int, latent: int, down: str = "mlp_swiglu", up: str = "linear",
-                 down_hidden: int = 0, bias: bool = True, linear_skip: bool = False):
+                 down_hidden: int = 0, bias: bool = True, linear_skip: bool = False, up_hidden: int = 0):
         super().__init__()
         self.width, self.latent = width, latent
         self.down = DOWN_KINDS[down](width, latent, down_hidden, bias, linear_skip)
-        self.up = UP_KINDS[up](latent, width, bias)
+        self.up = UP_KINDS[up](latent, width, up_hidden, bias)
 
     def encode(self, kv: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
         """``down(kv) - down(ref)``; ``ref=None`` means a zero reference."""
@@ -195,7 +215,7 @@ class DeltaKVCompressor(nn.Module):
         self.config = config
         self.layers = nn.ModuleDict({
             str(i): ResidualCompressor(config.kv_width, config.kv_compressed_size, config.down, config.up,
-                                       config.down_hidden, config.bias, config.linear_skip)
+                                       config.down_hidden, config.bias, config.linear_skip, config.up_hidden)
             for i in config.layers
         })
 

@@ -102,8 +102,11 @@ class CompressorOptions:
     Attributes:
         kind: ``deltakv`` (trained end to end) or ``pca`` (closed-form, no training: a baseline).
         kv_compressed_size: latent width (must be < joined KV width ``2*num_kv_heads*head_dim``).
-        down: ``linear`` | ``mlp_gelu`` | ``mlp_swiglu``; up: ``linear``.
+        down: ``linear`` | ``mlp_gelu`` | ``mlp_swiglu``; up: ``linear`` | ``mlp_gelu`` (the reference's up
+            for a type left on ``auto``; see ``deltakv.compressor``).
         down_hidden: hidden width of an MLP down (0 = 2 x joined KV width).
+        up_hidden: hidden width of an MLP up (0 = ``(latent + joined KV width) // 2``, the reference's
+            fallback in ``create_compressor``).
         bias: biases in the linear maps.
         init: ``pca`` (linear parts from closed-form PCA; MLP downs get a PCA linear skip) | ``random``.
         pca_batches: calibration sequences for PCA.
@@ -117,6 +120,7 @@ class CompressorOptions:
     down: str = "mlp_swiglu"
     up: str = "linear"
     down_hidden: int = 0
+    up_hidden: int = 0
     bias: bool = True
     init: str = "pca"
     pca_batches: int = 8
@@ -133,6 +137,9 @@ class CompressorOptions:
             raise ValueError(f"compressor.init={self.init!r}; choose one of {INIT_KINDS}")
         if self.kind == "pca" and (self.down != "linear" or self.up != "linear"):
             raise ValueError("compressor.kind=pca is closed-form and needs compressor.down=linear, compressor.up=linear")
+        if self.init == "pca" and self.up != "linear":
+            raise ValueError(f"compressor.init=pca sets a linear up from PCA; compressor.up={self.up} needs "
+                             "compressor.init=random (as the reference trains)")
 
 
 @dataclass
@@ -146,6 +153,9 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     """HF ``Trainer`` knobs (see ``deltakv.trainer.training_arguments``).
+
+    ``warmup_ratio``: fraction of ``max_steps`` warmed up, in [0, 1]; passed to HF as
+    ``ceil(max_steps * warmup_ratio)`` whole steps (``deltakv.trainer.warmup_steps``).
 
     ``resume``: ``auto`` (continue from the newest ``checkpoint-*`` in the output dir, if any),
     ``never``, or a checkpoint path. ``bf16``: ``auto`` = on GPU only. ``torch_threads``: CPU threads (null = torch default).
@@ -176,6 +186,10 @@ class TrainerConfig:
                   "dataloader_num_workers")
         _at_least("trainer", self, 1, "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                   "torch_threads")
+        if isinstance(self.warmup_ratio, (int, float)) and not isinstance(self.warmup_ratio, bool) \
+                and self.warmup_ratio > 1:
+            raise ValueError(f"trainer.warmup_ratio={self.warmup_ratio} is a fraction of trainer.max_steps, in [0, 1] "
+                             f"(e.g. 0.05 = the first 5% of the steps)")
         if isinstance(self.save_total_limit, int) and self.save_total_limit < 1:
             raise ValueError(f"trainer.save_total_limit={self.save_total_limit}: keep N >= 1 checkpoints, or null to "
                              "keep all")

@@ -55,12 +55,13 @@ def build_compressor_config(cfg: TrainConfig, model_config):
     full = sorted(int(i) for i in full)
     layers = c.layers if c.layers is not None else [i for i in range(dims.num_hidden_layers) if i not in full]
     down_hidden = c.down_hidden or (2 * dims.kv_width if c.down != "linear" else 0)
+    up_hidden = c.up_hidden or ((c.kv_compressed_size + dims.kv_width) // 2 if c.up != "linear" else 0)
     return CompressorConfig(
         model_type=dims.model_type, num_hidden_layers=dims.num_hidden_layers, num_kv_heads=dims.num_kv_heads,
         head_dim=dims.head_dim, layers=sorted(int(i) for i in layers), full_attn_layers=full,
         kv_compressed_size=c.kv_compressed_size, down=c.down, up=c.up, down_hidden=down_hidden, bias=c.bias,
         linear_skip=c.init == "pca" and c.down != "linear", reference=c.reference, method=c.kind,
-        k_after_norm=dims.qk_norm,
+        k_after_norm=dims.qk_norm, up_hidden=up_hidden,
     )
 
 

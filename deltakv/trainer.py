@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import shutil
 from pathlib import Path
@@ -51,7 +52,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio if t.warmup_ratio < 1 else int(t.warmup_ratio),
+        warmup_steps=warmup_steps(t.max_steps, t.warmup_ratio),
         lr_scheduler_type=t.lr_scheduler_type,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
@@ -70,6 +71,15 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         disable_tqdm=t.disable_tqdm,
         ddp_find_unused_parameters=False,
     )
+
+
+def warmup_steps(max_steps: int, warmup_ratio: float) -> int:
+    """Warmup as a whole number of optimizer steps, ``ceil(max_steps * warmup_ratio)`` (HF's rule for a
+    ratio). Passed to ``TrainingArguments.warmup_steps`` as an int: a float there is a ratio only
+    below 1 on transformers >= 5.2 (``warmup_ratio=1.0`` became ONE step), and older versions read
+    it as a step count or reject it; an int means the same steps on every version. The product is
+    rounded to 1e-6 first: 100 * 0.07 is 7.000000000000001 in floats, and 7% of 100 steps is 7."""
+    return math.ceil(round(max_steps * warmup_ratio, 6)) if max_steps > 0 else 0
 
 
 class DeltaKVTrainer(Trainer):

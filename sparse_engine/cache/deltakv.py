@@ -389,7 +389,7 @@ class DeltaKVCache(CacheMethod):
         rows = gp.lat_rows[:, self.sparse_index[layer]].gather(1, li)  # [G, w] arena rows
         latent, ords = self.store.codec.decode(self.store.mem.data[rows.reshape(-1)])
         pair = self.compressor[layer]
-        delta = pair.up(latent.to(pair.up.proj.weight.dtype)).float()  # [G*w, W]
+        delta = pair.up(latent.to(next(pair.up.parameters()).dtype)).float()  # [G*w, W]
         if self.num_fathers:
             table = tab.permute(1, 0, 2).reshape(hkv, G * t_s)
             proto_kv = gather_inv(self.pool.k, self.pool.v, table, *gp.rope_s, self.rope_scaling)  # [G*t_s, W]
@@ -561,7 +561,7 @@ class DeltaKVCache(CacheMethod):
             self.store.last[handles.cpu()] = self.store.clock
         latent, ords = self.store.codec.decode(rows)
         pair = self.compressor[layer]
-        delta = pair.up(latent.to(pair.up.proj.weight.dtype)).float()
+        delta = pair.up(latent.to(next(pair.up.parameters()).dtype)).float()
         proto_kv = fathers = None
         if self.num_fathers:
             slots_full = seq.kv.tables[layer].padded()[0]
@@ -637,7 +637,9 @@ class DeltaKVCache(CacheMethod):
                 pmask = proto & (pos < cpos.max())
                 ppos = pos[pmask]
                 proto_kv = self._pre_rope_kv(slots[:, pmask], ppos)
-                fathers = topk(kv, cpos, proto_kv, ppos, self.num_fathers, self.ref.metric)
+                w = kv.shape[1] // 2 if self.ref.cluster_on == "k" else kv.shape[1]  # K half: cluster_on_kv=False
+                fathers = topk(kv[:, :w].contiguous(), cpos, proto_kv[:, :w].contiguous(), ppos, self.num_fathers,
+                               self.ref.metric)
                 from ..kernels.deltakv_kernels import father_mean
 
                 ref = father_mean(fathers, proto_kv)
@@ -645,7 +647,7 @@ class DeltaKVCache(CacheMethod):
             else:
                 ref = torch.zeros_like(kv)
                 ords = torch.zeros(len(cpos), 0, dtype=torch.long, device=kv.device)
-            w = pair.up.proj.weight.dtype
+            w = next(pair.up.parameters()).dtype
             latent = pair.encode(kv.to(w), ref.to(w))
             handles = self.store.put(latent, ords)
             new_handles.append(handles)

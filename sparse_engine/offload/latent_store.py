@@ -1,10 +1,20 @@
-"""DeltaKV latent storage: a row codec (float32 / bf16 / int8 / int4 with per-token scales) and a
+"""DeltaKV latent storage: a row codec (float32 / bf16 / int8 / int4 with per-token scales, or the
+reference's asymmetric grouped int4 ``int4_asym``) and a
 tiered store (hot: the engine's device; warm: host memory, pinned on CUDA; cold: a memory-mapped
 file on disk).
 
 One ROW holds everything DeltaKV keeps for one compressed token of one layer (all KV heads joined):
 
     [ latent payload | scale (bf16, int8/int4 only) | father prototype ordinals (int16 or int32) x top_k ]
+
+``int4`` (ours) is symmetric: one bf16 scale ``max|x| / 7`` per token, codes ``round(x / scale) + 8``.
+``int4_asym`` is the reference's format (CURRENTF/Sparse-vLLM ``src/sparsevllm/kernels/triton/quant.py``
+``_quantize_pack_2d_int4_grouped_kernel`` / ``_dequantize_2d_int4_grouped_kernel``, group size
+``kv_quant_group_size``, 32 when left 0 with ``kv_quant_bits=4``: ``configs/delta.py``): per token and
+per group of ``group_size`` values a bf16 ``scale = (max - min) / 15`` and bf16 ``min``; codes
+``round_half_even(clamp((x - min) / (scale + 1e-6), 0, 15))``; value ``j`` of an int32 word sits at
+bits ``4j`` (so, little-endian, even index = low nibble of a byte); ``x_hat = q * scale + min``. Its
+scale section is ``[scales (G) | mins (G)]`` bf16.
 
 packed into a flat uint8 tensor, so every tier stores the same bytes and `row_bytes` is the exact
 per-token, per-layer cost (what `kv_bytes` counts). Rows are addressed by stable HANDLES; a handle's
@@ -21,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-LATENT_DTYPES = ("float32", "bf16", "int8", "int4")
+LATENT_DTYPES = ("float32", "bf16", "int8", "int4", "int4_asym")
+INT4_ASYM_GROUP = 32  # the reference's kv_quant_group_size when left 0 with kv_quant_bits=4
 
 
 @dataclass(frozen=True)
@@ -32,22 +43,29 @@ class LatentCodec:
     latent_dtype: str = "bf16"
     num_fathers: int = 4
     father_bytes: int = 2  # 2 (int16) or 4 (int32)
+    group_size: int = INT4_ASYM_GROUP  # int4_asym only: values per (scale, min) pair
 
     def __post_init__(self):
         if self.latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"latent_dtype must be one of {LATENT_DTYPES}, got {self.latent_dtype!r}")
-        if self.latent_dtype == "int4" and self.latent_size % 2:
+        if self.latent_dtype in ("int4", "int4_asym") and self.latent_size % 2:
             raise ValueError(f"int4 latents pack two values per byte: kv_compressed_size must be even, got {self.latent_size}")
+        if self.latent_dtype == "int4_asym" and (self.group_size < 2 or self.latent_size % self.group_size):
+            raise ValueError(f"int4_asym quantises groups of {self.group_size} values: kv_compressed_size="
+                             f"{self.latent_size} must be a multiple of it (pick a latent size divisible by "
+                             f"{self.group_size})")
         if self.father_bytes not in (2, 4):
             raise ValueError(f"father_bytes must be 2 or 4, got {self.father_bytes}")
 
     @property
     def payload_bytes(self) -> int:
         c = self.latent_size
-        return {"float32": 4 * c, "bf16": 2 * c, "int8": c, "int4": c // 2}[self.latent_dtype]
+        return {"float32": 4 * c, "bf16": 2 * c, "int8": c, "int4": c // 2, "int4_asym": c // 2}[self.latent_dtype]
 
     @property
     def scale_bytes(self) -> int:
+        if self.latent_dtype == "int4_asym":
+            return 2 * 2 * (self.latent_size // self.group_size)  # bf16 scale + bf16 min per group
         return 2 if self.latent_dtype in ("int8", "int4") else 0
 
     @property
@@ -67,6 +85,15 @@ class LatentCodec:
             parts.append(x.contiguous().view(torch.uint8).view(n, -1))
         elif self.latent_dtype == "bf16":
             parts.append(x.to(torch.bfloat16).contiguous().view(torch.uint8).view(n, -1))
+        elif self.latent_dtype == "int4_asym":
+            g = x.view(n, -1, self.group_size)
+            mn = g.amin(dim=2).to(torch.bfloat16)
+            scale = ((g.amax(dim=2) - g.amin(dim=2)) / 15.0).to(torch.bfloat16)
+            # quantised with the stored (bf16) scale / min, as the reference kernel stores then reloads them
+            q = ((g - mn.float().unsqueeze(2)) / (scale.float().unsqueeze(2) + 1e-6)).clamp_(0, 15)
+            u = torch.round(q).to(torch.uint8).view(n, -1)  # torch.round: half to even, as the kernel
+            parts.append(u[:, 0::2] | (u[:, 1::2] << 4))
+            parts.append(torch.cat([scale, mn], dim=1).contiguous().view(torch.uint8).view(n, -1))
         else:
             qmax = 127 if self.latent_dtype == "int8" else 7
             scale = (x.abs().amax(dim=1, keepdim=True) / qmax).to(torch.bfloat16)
@@ -91,6 +118,11 @@ class LatentCodec:
             lat = pay.view(torch.float32).view(n, c)
         elif self.latent_dtype == "bf16":
             lat = pay.view(torch.bfloat16).view(n, c).float()
+        elif self.latent_dtype == "int4_asym":
+            ng = c // self.group_size
+            sm = rows[:, p : p + s].contiguous().view(torch.bfloat16).view(n, 2, ng).float()
+            q = torch.stack([pay & 15, pay >> 4], dim=2).view(n, ng, self.group_size).float()
+            lat = (q * sm[:, 0].unsqueeze(2) + sm[:, 1].unsqueeze(2)).view(n, c)
         else:
             scale = rows[:, p : p + s].contiguous().view(torch.bfloat16).view(n, 1).float()
             if self.latent_dtype == "int8":
