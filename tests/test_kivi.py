@@ -105,7 +105,7 @@ def test_bad_knobs(spec_tiny):
     from sparse_engine.cache.kivi import KiviConfig
 
     for knobs, msg in ((dict(bits=3), "bits"), (dict(group_size=5), "divide"), (dict(residual_length=-1), "residual"),
-                       (dict(latent_share=1.5), "latent_share")):
+                       (dict(sink_size=1.5), "sink_size")):
         with pytest.raises(ValueError, match=msg):
             KiviConfig(**{"group_size": 8, **knobs}).validate(spec_tiny)
 
@@ -185,14 +185,14 @@ def test_engine_matches_dequantized_reference(tiny, bits, sinks):
     n = next((i for i, (a, b) in enumerate(zip(out["token_ids"], ref_toks)) if a != b), steps)
     for a, b in zip(out["logits"][:n], ref_logits[:n]):
         torch.testing.assert_close(a.float(), b, rtol=1e-4, atol=1e-4)
-    # bytes: sinks + full-precision tail in the pool, whole groups as blocks
-    spec, total = llm.spec, len(prompt) + steps - 1
+    # bytes: sinks + full-precision tail, whole groups as blocks of ceil(block_bytes / slot) slots
+    spec, total, bps = llm.spec, len(prompt) + steps - 1, llm.pool.bytes_per_slot
     quant = max(0, total - sinks - R) // G * G
     codec = KiviCodec(spec.num_kv_heads, spec.head_dim, bits, G)
-    want = spec.num_layers * ((total - quant) * spec.num_kv_heads * llm.pool.bytes_per_slot
-                              + quant // G * codec.block_bytes)
+    want = spec.num_layers * ((total - quant) * spec.num_kv_heads * bps + quant // G * -(-codec.block_bytes // bps) * bps)
     assert out["kv_bytes"] == want
-    assert llm.kv_stats()["slots_used"] == 0 and llm.kv_stats()["latent_rows_used"] == 0
+    assert want < 0.5 * total * spec.num_layers * spec.num_kv_heads * bps
+    assert llm.kv_stats()["slots_used"] == 0
 
 
 def test_wide_residual_window_equals_vanilla(tiny):

@@ -4,10 +4,10 @@ keeps every token, at `bits` per element plus float16 min / scale per group.
 Every layer keeps the first `sink_size` tokens (KIVI itself: 0) and the most recent
 `residual_length` .. `residual_length + group_size - 1` tokens at full precision in the pool; older
 tokens are quantized in blocks of `group_size` tokens (keys per channel, values per token in groups
-of `group_size` channels: `kivi_quant`) into an arena outside the pool, and dequantized into scratch
-slots for attention, one layer at a time (`kivi_layers.KiviLayers`, shared with DeltaKV's full
-layers). Quantized blocks claim `latent_share` of `kv_cache_bytes` (one KV budget; the knob has
-DeltaKV's name: both are "rows outside the pool"), the pool's slots the rest.
+of `group_size` channels: `kivi_quant`) stored as bytes in pool slots (one KV budget: a block holds
+ceil(block_bytes / bytes_per_slot) slots), and dequantized into scratch slots for attention, one
+layer at a time (`kivi_layers.KiviLayers`, shared with DeltaKV's full layers). kv_bytes counts
+exactly the slots held.
 
 Conventions of the reference implementations (read, not copied): KIVI's `residual_length` / `group_size`
 (jy-yuan/KIVI, `models/llama_kivi.py`); the DeltaKV reference engine's `full_layer_kv_quant_bits`,
@@ -36,16 +36,12 @@ class KiviConfig(MethodConfig):
         residual_length: most recent tokens always kept at full precision (KIVI's R; tokens leave
             it in whole groups, so up to residual_length + group_size - 1 are full precision).
         sink_size: first tokens kept at full precision (KIVI: 0; the DeltaKV reference keeps its sinks).
-        latent_share: fraction of kv_cache_bytes for the quantized blocks (the rest: pool slots for
-            sinks, residual tails, one layer's dequantized scratch per running sequence); None = from
-            the geometry (a long sequence's share of quantized bytes).
     """
 
     bits: int = 4
     group_size: int = 32
     residual_length: int = 32
     sink_size: int = 0
-    latent_share: float | None = None
 
     def validate(self, spec: ModelSpec) -> None:
         if isinstance(self.bits, bool) or self.bits not in KIVI_BITS:
@@ -59,10 +55,6 @@ class KiviConfig(MethodConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        if self.latent_share is not None and (isinstance(self.latent_share, bool)
-                                              or not 0.0 < float(self.latent_share) < 1.0):
-            raise ValueError(f"latent_share is the fraction of kv_cache_bytes for quantized blocks, in (0, 1); got "
-                             f"{self.latent_share!r} (None = from the geometry)")
         KiviCodec(spec.num_kv_heads, spec.head_dim, self.bits, self.group_size)  # packing rules
 
 
@@ -75,7 +67,6 @@ class KiviCache(CacheMethod):
         c = self.config
         self.codec = KiviCodec(spec.num_kv_heads, spec.head_dim, c.bits, c.group_size)
         self.kivi = KiviLayers(list(range(spec.num_layers)), self.codec, c.sink_size, c.residual_length, pool, spec)
-        self.arena_bytes = 0
 
     @property
     def store(self):
@@ -87,56 +78,30 @@ class KiviCache(CacheMethod):
         seq.kv.state = self.kivi.new_state()
 
     def fork(self, src, dst) -> None:
-        super().fork(src, dst)  # deep-copies the state: the blocks are shared, with one more reference
-        self.store.incref(dst.kv.state.blocks)
+        super().fork(src, dst)  # deep-copies the state: the blocks' slots are shared, one more reference each
+        self.pool.incref(dst.kv.state.blocks)
 
     def release(self, seq) -> None:
         if getattr(seq, "kv", None) is not None:
-            self.store.free(seq.kv.state.blocks)
+            self.pool.free(seq.kv.state.blocks)
         super().release(seq)
 
-    # ------------------------------------------------------------------ one KV budget
-    def auto_latent_share(self) -> float:
-        """Quantized bytes / (quantized + one layer of dequantized scratch) per token of a long sequence."""
-        q = self.spec.num_layers * self.codec.bytes_per_token
-        scratch = self.spec.num_kv_heads * self.pool.bytes_per_slot
-        return q / (q + scratch)
-
-    def claim_budget(self, total_bytes: int) -> int:
-        share = self.config.latent_share if self.config.latent_share is not None else self.auto_latent_share()
-        rb = self.codec.block_bytes
-        self.arena_bytes = round(total_bytes * share) // rb * rb  # round: a share given as bytes / total is exact
-        self.kivi.set_limit(self.arena_bytes)
-        return total_bytes - self.arena_bytes
-
-    def rows_needed(self, seq, num_new_tokens: int) -> int:
-        st = seq.kv.state if getattr(seq, "kv", None) is not None else None
-        return self.kivi.blocks_needed(st, seq.num_computed + num_new_tokens)
-
-    def rows_free(self) -> int:
-        return self.store.arena.num_free
-
-    def max_rows(self, num_tokens: int) -> int:
-        return self.kivi.blocks_needed(None, num_tokens)
-
-    def rows_capacity(self) -> int:
-        lim = self.store.arena.limit
-        return lim if lim is not None else 1 << 62
-
     # ------------------------------------------------------------------ scheduling
-    def _quantized(self, seq) -> int:
+    def _state(self, seq):
         kv = getattr(seq, "kv", None) if seq is not None else None
-        return self.kivi.quantized(kv.state) if kv is not None else 0
+        return kv.state if kv is not None else None
 
     def slots_needed(self, seq, num_new_tokens: int) -> int:
-        """New tokens in every layer + one layer's dequantized scratch (freed after the step)."""
-        return (num_new_tokens * self.spec.num_layers + self._quantized(seq)) * self.spec.num_kv_heads
+        """New tokens in every layer + one layer's dequantized scratch (freed before `after_step`) +
+        the slots of the blocks `after_step` quantizes (allocated before the tail is freed)."""
+        st = self._state(seq)
+        done = seq.num_computed if seq is not None else 0
+        return (num_new_tokens * self.spec.num_layers * self.spec.num_kv_heads + self.kivi.scratch_slots(st)
+                + self.kivi.block_slots_needed(st, done + num_new_tokens))
 
     def max_slots(self, num_tokens: int) -> int:
         chunk = min(num_tokens, getattr(self, "max_chunk", None) or num_tokens)
-        full = self.kivi.max_full_tokens(num_tokens, chunk)
-        scratch = max(0, self.kivi.quant_end(num_tokens) - self.kivi.sinks)
-        return (self.spec.num_layers * full + scratch) * self.spec.num_kv_heads
+        return self.kivi.max_slots(num_tokens, chunk)
 
     # ------------------------------------------------------------------ batch hooks
     def begin_step(self, plan) -> None:
@@ -166,21 +131,16 @@ class KiviCache(CacheMethod):
 
     # ------------------------------------------------------------------ accounting
     def kv_bytes(self, seq) -> int:
-        """Full-precision slots x bytes_per_slot + quantized blocks x block_bytes."""
+        """(Full-precision slots + the slots its blocks occupy) x bytes_per_slot."""
         if getattr(seq, "kv", None) is None:
             return 0
-        return super().kv_bytes(seq) + self.kivi.bytes_held(seq.kv.state)
+        return super().kv_bytes(seq) + self.kivi.slots_held(seq.kv.state) * self.pool.bytes_per_slot
 
     def stats(self) -> dict:
         return {
             "kivi_bits": self.config.bits,
             "kivi_block_bytes": self.codec.block_bytes,
             "kivi_bytes_per_token_layer": self.codec.bytes_per_token,
-            "latent_row_bytes": self.codec.block_bytes,
-            "latent_rows_capacity": self.store.arena.limit,
-            "latent_rows_used": self.store.used,
-            "latent_rows_peak": self.store.arena.peak,
-            "latent_arena_bytes": self.arena_bytes,
-            "quantized_bytes_used": self.store.used * self.codec.block_bytes,
+            "kivi_slots_per_block": self.store.slots_per_block,
             "quantized_tokens": self.kivi.quantized_tokens,
         }

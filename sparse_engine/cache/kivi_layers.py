@@ -1,10 +1,11 @@
-"""KIVI storage for a set of layers: quantized blocks outside the pool + a full-precision tail.
+"""KIVI storage for a set of layers: quantized blocks + a full-precision tail, all in the KV pool.
 
 Shared by `method=kivi` (every layer) and DeltaKV's full layers (`full_layer_kv_quant_bits`).
 
 Each of the `layers` of a sequence keeps at full precision, in pool slots, the first `sinks` tokens
 and the TAIL [quant_upto, end); positions [sinks, quant_upto) live as KIVI blocks of `group_size`
-tokens (`kivi_quant.KiviCodec`, all KV heads of one layer per block) in one arena outside the pool.
+tokens (`kivi_quant.KiviCodec`, all KV heads of one layer per block), stored as bytes in pool slots
+(`KiviBlockStore`: one budget, refcounts and preemption for free).
 After a step, once the tail is `residual_length + group_size` long, the oldest whole groups beyond
 the last `residual_length` tokens are quantized and their slots freed (the DeltaKV reference
 engine's rule: quant_end = sinks + floor((end - sinks - residual) / G) * G).
@@ -23,15 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..offload.latent_store import _RowArena
 from .base import BatchView
 from .kivi_quant import KiviCodec
 
 
 @dataclass
 class KiviState:
-    """Per sequence: blocks [Lq, nb] arena rows (host) of the quantized layers, block j holding
-    positions [sinks + j*G, sinks + (j+1)*G); quant_upto = sinks + nb*G."""
+    """Per sequence: blocks [Lq, nb, slots_per_block] pool slots of the quantized layers' blocks,
+    block j holding positions [sinks + j*G, sinks + (j+1)*G); quant_upto = sinks + nb*G."""
 
     blocks: torch.Tensor
     quant_upto: int
@@ -42,62 +42,52 @@ class KiviState:
 
 
 class KiviBlockStore:
-    """Quantized blocks in one arena of uint8 rows (`block_bytes` each) with a reference count per
-    row (session forks share blocks). `limit_bytes` bounds it inside the run's KV budget."""
+    """Quantized blocks stored IN the KV pool: a block's `block_bytes` occupy `slots_per_block` pool
+    slots (their K and V rows viewed as bytes), so blocks share the pool's one budget, reference
+    counts (session forks), admission and preemption with full-precision tokens, and `kv_bytes`
+    counts them as the slots they hold (ceil(block_bytes / bytes_per_slot) each: exact)."""
 
-    def __init__(self, codec: KiviCodec, device, limit_bytes: int | None = None):
-        self.codec = codec
-        limit = None if limit_bytes is None else limit_bytes // codec.block_bytes
-        self.arena = _RowArena(codec.block_bytes, device, limit=limit, fixed=limit is not None, name="KIVI block")
-        self.refs = torch.zeros(self.arena.capacity, dtype=torch.int32)
+    def __init__(self, codec: KiviCodec, pool):
+        self.codec, self.pool = codec, pool
+        self.slots_per_block = -(-codec.block_bytes // pool.bytes_per_slot)
 
     @property
-    def row_bytes(self) -> int:
-        return self.codec.block_bytes
+    def bytes_per_block(self) -> int:
+        """Pool bytes a block holds (block_bytes rounded up to whole slots)."""
+        return self.slots_per_block * self.pool.bytes_per_slot
+
+    def _bytes(self):
+        return self.pool.k.view(torch.uint8), self.pool.v.view(torch.uint8)  # [slots + 1, D * elt] each
 
     def put(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Quantize blocks k, v [nb, G, H, D]; returns their rows (host LongTensor [nb])."""
+        """Quantize blocks k, v [nb, G, H, D]; returns their slots [nb, slots_per_block] (device)."""
         rows = self.codec.encode(k, v)
-        idx = self.arena.take(rows.shape[0])
-        if self.refs.numel() < self.arena.capacity:
-            self.refs = torch.cat([self.refs, torch.zeros(self.arena.capacity - self.refs.numel(), dtype=torch.int32)])
-        self.arena.data[idx.to(self.arena.data.device)] = rows.to(self.arena.data.device)
-        self.refs[idx] = 1
-        return idx
+        nb, spb = rows.shape[0], self.slots_per_block
+        kb, vb = self._bytes()
+        half = kb.shape[1]
+        rows = torch.nn.functional.pad(rows, (0, 2 * spb * half - rows.shape[1])).view(nb * spb, 2, half)
+        slots = self.pool.allocate(nb * spb)
+        kb[slots] = rows[:, 0].to(kb.device)
+        vb[slots] = rows[:, 1].to(vb.device)
+        return slots.view(nb, spb)
 
-    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized (k, v) [n, G, H, D] float32 of rows idx (any shape, flattened)."""
-        return self.codec.decode(self.arena.data[idx.reshape(-1).to(self.arena.data.device)])
-
-    def incref(self, idx: torch.Tensor) -> None:
-        if idx.numel():
-            self.refs.index_add_(0, idx.reshape(-1).cpu(), torch.ones(idx.numel(), dtype=torch.int32))
-
-    def free(self, idx: torch.Tensor) -> None:
-        if idx.numel() == 0:
-            return
-        idx = idx.reshape(-1).cpu()
-        self.refs.index_add_(0, idx, torch.full((idx.numel(),), -1, dtype=torch.int32))
-        if bool((self.refs[idx] < 0).any()):
-            raise RuntimeError("KIVI blocks freed more often than they were referenced (a double free)")
-        gone = idx[self.refs[idx] == 0].unique()
-        if gone.numel():
-            self.arena.give(gone)
-
-    @property
-    def used(self) -> int:
-        return self.arena.used
+    def get(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized (k, v) [n, G, H, D] float32 of blocks `slots` [..., slots_per_block]."""
+        kb, vb = self._bytes()
+        s = slots.reshape(-1, self.slots_per_block)
+        rows = torch.stack([kb[s], vb[s]], dim=2).reshape(s.shape[0], -1)[:, : self.codec.block_bytes]
+        return self.codec.decode(rows)
 
 
 @dataclass
 class _GroupKivi:
     """One row group's KIVI step: scratch [G, Hkv, w] (padding -> trash), the real scratch slots,
-    rows [G, Lq, nb_max] (padding -> row 0), the position-order column map `cols` [G, Hkv, T + w]
+    blocks [G, Lq, nb_max, slots_per_block] (padding -> trash), the position-order column map `cols` [G, Hkv, T + w]
     over cat(table, scratch), lens [G, Hkv], valid [G, Hkv, T'], dense."""
 
     scratch: torch.Tensor
     scratch_real: torch.Tensor
-    rows: torch.Tensor
+    blocks: torch.Tensor
     cols: torch.Tensor
     lens: torch.Tensor
     valid: torch.Tensor
@@ -113,7 +103,7 @@ class KiviLayers:
         self.index = {l: i for i, l in enumerate(self.layers)}
         self.codec, self.sinks, self.residual, self.pool, self.spec = codec, sinks, residual_length, pool, spec
         self.G = codec.group_size
-        self.store = KiviBlockStore(codec, pool.device)
+        self.store = KiviBlockStore(codec, pool)
         self.quantized_tokens = 0  # counter for kv_stats (token x layer)
 
     # ------------------------------------------------------------------ sizes
@@ -123,24 +113,33 @@ class KiviLayers:
         return self.sinks + n
 
     def new_state(self) -> KiviState:
-        return KiviState(torch.zeros(len(self.layers), 0, dtype=torch.long), self.sinks)
+        return KiviState(torch.zeros(len(self.layers), 0, self.store.slots_per_block, dtype=torch.long,
+                                     device=self.pool.device), self.sinks)
 
     def quantized(self, st: KiviState) -> int:
         """Tokens of each quantized layer held as blocks."""
         return st.num_blocks * self.G
 
-    def blocks_needed(self, st: KiviState | None, num_tokens: int) -> int:
-        """Blocks (all quantized layers) a sequence reaching `num_tokens` adds."""
+    def block_slots_needed(self, st: KiviState | None, num_tokens: int) -> int:
+        """Pool slots of the blocks (all quantized layers) a sequence reaching `num_tokens` adds."""
         done = st.quant_upto if st is not None else self.sinks
-        return max(0, self.quant_end(num_tokens) - done) // self.G * len(self.layers)
+        return max(0, self.quant_end(num_tokens) - done) // self.G * len(self.layers) * self.store.slots_per_block
+
+    def scratch_slots(self, st: KiviState | None) -> int:
+        """Slots of one layer's dequantized tokens (a step's scratch, freed before `compress`)."""
+        return 0 if st is None else self.quantized(st) * self.spec.num_kv_heads
+
+    def max_slots(self, num_tokens: int, chunk: int) -> int:
+        """Peak slots of one sequence of `num_tokens` in the quantized layers: the full-precision
+        sinks + tail (+ a chunk before `compress`) and every block, plus one layer's scratch."""
+        full = self.max_full_tokens(num_tokens, chunk) * self.spec.num_kv_heads * len(self.layers)
+        quant = self.quant_end(num_tokens) - self.sinks
+        return full + self.block_slots_needed(None, num_tokens) + quant * self.spec.num_kv_heads
 
     def max_full_tokens(self, num_tokens: int, chunk: int) -> int:
         """Peak full-precision tokens of one quantized layer: sinks + residual + G - 1 left after the
         last quantization, plus one step's new tokens (a prefill chunk) before `compress` runs."""
         return min(num_tokens, self.sinks + self.residual + self.G - 1 + chunk)
-
-    def set_limit(self, limit_bytes: int | None) -> None:
-        self.store = KiviBlockStore(self.codec, self.pool.device, limit_bytes)
 
     # ------------------------------------------------------------------ after a step
     def compress(self, kv, st: KiviState, num_tokens: int) -> None:
@@ -163,7 +162,7 @@ class KiviLayers:
 
         flat = slots.reshape(-1)
         rows = self.store.put(blocks(self.pool.k[flat].view(L, H, n, D)), blocks(self.pool.v[flat].view(L, H, n, D)))
-        st.blocks = torch.cat([st.blocks, rows.view(L, nb)], dim=1)
+        st.blocks = torch.cat([st.blocks, rows.view(L, nb, -1)], dim=1)
         st.quant_upto = end
         self.pool.free(flat)
         dev_l = lidx.to(kv.slots.device)
@@ -193,9 +192,10 @@ class KiviLayers:
                 self.pool.pos[scratch[row, :, :q]] = torch.arange(self.sinks, self.sinks + q, device=dev)[None, :]
                 o += q * H
             nb_max = w // self.G
-            rows = torch.zeros(Gn, len(self.layers), nb_max, dtype=torch.long)
+            blocks = torch.full((Gn, len(self.layers), nb_max, self.store.slots_per_block), self.pool.trash,
+                                dtype=torch.long, device=dev)
             for row, st in enumerate(states):
-                rows[row, :, : st.num_blocks] = st.blocks
+                blocks[row, :, : st.num_blocks] = st.blocks
             lens_t = g.lens_host[:, l0, 0]  # full-precision tokens per sequence (same in every KIVI layer/head)
             t = g.table.shape[-1]
             new_lens = [int(lt) + q for lt, q in zip(lens_t.tolist(), nq)]
@@ -209,7 +209,7 @@ class KiviLayers:
             ends = {plan.starts[b] + plan.num_new[b] for b in g.bidx}
             dense = (not g.decode and len(ends) == 1 and ends.pop() == T and all(x == T for x in new_lens)
                      and len({plan.num_new[b] for b in g.bidx}) == 1)
-            out[id(g)] = _GroupKivi(scratch, real, rows, cols.to(dev)[:, None, :].expand(Gn, H, T).contiguous(),
+            out[id(g)] = _GroupKivi(scratch, real, blocks, cols.to(dev)[:, None, :].expand(Gn, H, T).contiguous(),
                                     lens, valid, dense)
         return out
 
@@ -221,7 +221,7 @@ class KiviLayers:
         """Dequantize `layer`'s blocks into the group's scratch and return the position-order view of
         cat(table [G, Hkv, t], scratch)."""
         Gn, H, w = gk.scratch.shape
-        k, v = self.store.get(gk.rows[:, self.index[layer]])  # [Gn * nb_max, G, H, D]
+        k, v = self.store.get(gk.blocks[:, self.index[layer]])  # [Gn * nb_max, G, H, D]
         d = k.shape[-1]
         k = k.reshape(Gn, w, H, d).transpose(1, 2).reshape(-1, d)
         v = v.reshape(Gn, w, H, d).transpose(1, 2).reshape(-1, d)
@@ -236,5 +236,6 @@ class KiviLayers:
             self.pool.free(gk.scratch_real)
 
     # ------------------------------------------------------------------ accounting
-    def bytes_held(self, st: KiviState) -> int:
-        return st.blocks.numel() * self.codec.block_bytes
+    def slots_held(self, st: KiviState) -> int:
+        """Pool slots of the sequence's blocks (its full-precision slots are in its tables)."""
+        return st.blocks.numel()
