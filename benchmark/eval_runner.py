@@ -4,13 +4,21 @@
     deltakv-eval benchmark=longbench benchmark.data_dir=/data/LongBench backend=hf
     deltakv-eval -m benchmark=niah method=vanilla,snapkv,pyramidkv,omnikv,streaming,deltakv
 
-Config: ``conf/eval.yaml`` with the groups ``benchmark`` / ``method`` / ``model``. Each run writes,
-under its output directory:
+    deltakv-eval benchmark=niah method=snapkv shard=0/2 &  deltakv-eval benchmark=niah method=snapkv shard=1/2
 
-* ``predictions.jsonl``: one record per generation, appended as requests finish; a killed run
-  started again with the same command resumes after the last finished request;
+Config: ``conf/eval.yaml`` with the groups ``benchmark`` / ``method`` / ``model``. A run's folder is
+``<results_root>/<benchmark>/<method>-<8-hex hash of its settings>`` (``run_name`` / ``output_dir``
+override it; a run started under the older ``<backend>-<method>[-knobs]-<query_mode>`` name is
+resumed there). One run at a time per folder: a second one fails at once naming the holder
+(``benchmark/eval_lock.py``). ``shard=i/n`` splits a run over processes (``benchmark/eval_shards.py``).
+Each run writes, under its output directory:
+
+* ``predictions.jsonl``: one record per generation, appended as requests finish (each append one
+  ``os.write`` of whole lines); a killed run started again with the same command resumes after the
+  last finished request (a torn last line is dropped);
 * ``run.json``: what ran (benchmark settings, method and knobs, backend, model, query mode, session
-  mode, versions); a resume with different settings is refused unless ``overwrite=true``;
+  mode, versions; the settings hash, the Hydra overrides and the full config); a resume with
+  different settings is refused unless ``overwrite=true``;
 * ``summary.json`` + ``summary.md``: the scores; NIAH also writes ``niah_heatmap.png``;
 * ``../comparison.md``: one table over every run of the same benchmark beside it (a multirun over
   methods thus yields one comparison table).
@@ -32,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.backends import Backend, GenOutput, Request, make_backend
+from benchmark.eval_lock import OutputDirLock, OutputDirLocked, append_lines, write_atomic
 
 log = logging.getLogger("deltakv.eval")
 
@@ -240,6 +249,11 @@ def validate_cli(argv: list[str], multirun: bool | None = None) -> int:
             for v in values:
                 if str(v) not in _CLI_CHOICES[key]:
                     raise unknown_name(key, v, _CLI_CHOICES[key], hint=f"{key}=")
+        elif key in ("shard", "merge_shards"):
+            from benchmark.eval_shards import parse_merge, parse_shard
+
+            for v in values:
+                (parse_shard if key == "shard" else parse_merge)(v)
     if not multirun:
         return 1
     # every job of the sweep, composed as Hydra will compose it, passes the same checks as a single run
@@ -342,7 +356,7 @@ def model_ref(cfg) -> str | None:
 
 
 def _knob_tag(knobs: dict, method: str | None = None) -> str:
-    """Run-folder tag of the knobs that differ from the method's defaults in the engine."""
+    """The knobs part of the folder names used before issue 18.8 (``legacy_run_name``)."""
     import re
 
     fields = _method_fields(method) if method else None
@@ -357,12 +371,48 @@ def _knob_tag(knobs: dict, method: str | None = None) -> str:
     return "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def legacy_run_name(cfg, method: str, knobs: dict) -> str:
+    """``<backend>-<method>[-<knobs>]-<query_mode>``: the run folders before issue 18.8 (a path
+    knob came out as ``deltakv_path=runssmokecompressor``). Still found by resume."""
+    return f"{cfg.backend}-{method}{_knob_tag(knobs, method)}-{cfg.get('query_mode', 'aware')}"
+
+
+def settings_hash(fp: dict) -> str:
+    """8 hex digits of sha1 over the run's fingerprint (sorted JSON): every setting that changes
+    the generations, and nothing else (not results_root, data_dir, scoring, shard, batch_size)."""
+    return hashlib.sha1(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def run_name(cfg, method: str | None = None, knobs: dict | None = None) -> str:
+    """``<method>-<hash of the settings>``, e.g. ``deltakv-3f9a1c2e``; the settings themselves are
+    in the run's ``run.json`` (fingerprint, overrides, full config) and ``summary.json``."""
+    if method is None:
+        method, knobs = method_and_knobs(cfg)
+    return f"{method}-{settings_hash(_fingerprint(cfg, method, knobs or {}))}"
+
+
 def resolve_output_dir(cfg) -> Path:
+    """``output_dir``, else ``<results_root>/<benchmark>/<run_name or method-hash>``. A run of the
+    same settings started under the old naming (``legacy_run_name``) and not yet under the new one
+    is resumed where it is."""
     if cfg.get("output_dir"):
         return Path(str(cfg.output_dir))
+    root = Path(str(cfg.get("results_root") or "runs/eval")) / str(cfg.benchmark.name)
+    if cfg.get("run_name"):
+        return root / str(cfg.run_name)
     method, knobs = method_and_knobs(cfg)
-    name = cfg.get("run_name") or f"{cfg.backend}-{method}{_knob_tag(knobs, method)}-{cfg.get('query_mode', 'aware')}"
-    return Path(str(cfg.get("results_root") or "runs/eval")) / str(cfg.benchmark.name) / name
+    new = root / run_name(cfg, method, knobs)
+    old = root / legacy_run_name(cfg, method, knobs)
+    if not new.exists() and (old / "predictions.jsonl").is_file() and (old / "run.json").is_file():
+        try:
+            same = json.loads((old / "run.json").read_text()).get("fingerprint") == json.loads(
+                json.dumps(_fingerprint(cfg, method, knobs), default=str))
+        except ValueError:
+            same = False
+        if same:
+            log.info("resuming the run in %s (folder named before issue 18.8; new runs go to %s)", old, new.name)
+            return old
+    return new
 
 
 def _git_commit() -> str | None:
@@ -418,10 +468,8 @@ class PredictionStore:
 
     def append(self, recs: list[dict]):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-            f.flush()
-            os.fsync(f.fileno())
+        # one os.write of whole lines on an O_APPEND fd, fsynced: a kill tears at most the last line
+        append_lines(self.path, [json.dumps(r, ensure_ascii=False) + "\n" for r in recs])
         self.records.extend(recs)
 
 
@@ -635,9 +683,38 @@ def _fingerprint(cfg, method, knobs) -> dict:
             "engine": _plain(cfg.get("engine")) or {}}
 
 
+def _overrides() -> list[str] | None:
+    """The Hydra overrides of this run (``deltakv-eval`` / ``-m`` job), None outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - compose() API / no Hydra app running
+        return None
+
+
+def shard_spec(cfg) -> tuple[int, int] | None:
+    """(i, n) from ``shard=i/n``, else from ``accelerate launch`` / ``torchrun``'s RANK / WORLD_SIZE."""
+    from benchmark.eval_shards import parse_shard, shard_from_env
+
+    spec = parse_shard(cfg.get("shard"))
+    if spec is None and not cfg.get("merge_shards"):
+        spec = shard_from_env()
+        if spec is not None:
+            log.info("shard %d/%d from RANK / WORLD_SIZE", *spec)
+    return spec
+
+
 def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None) -> dict | None:
     """Run (or resume) one evaluation described by ``cfg``; return the summary dict (None when
-    ``stop_after`` interrupted it before the end)."""
+    ``stop_after`` interrupted it before the end, or for a shard whose siblings are not all done).
+
+    The run's folder is locked for the whole run (``benchmark.eval_lock``): a second run on the same
+    folder fails at once naming the holder. ``shard=i/n`` runs every n-th request into
+    ``<run>/shards/<i>-of-<n>`` and merges the shards when the last one ends; ``merge_shards=n``
+    merges by hand (``benchmark.eval_shards``)."""
+    from benchmark.eval_shards import parse_merge, shard_dir
+
     t_start = time.time()
     if cfg.get("torch_threads"):
         import torch
@@ -645,11 +722,32 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
         torch.set_num_threads(int(cfg.torch_threads))
     bcfg = cfg.benchmark
     harness = harness_module(bcfg)
-    query_mode = str(cfg.get("query_mode", "aware"))
+    merge_n = parse_merge(cfg.get("merge_shards"))
+    shard = shard_spec(cfg)
+    if shard and merge_n:
+        raise ConfigError(f"shard={shard[0]}/{shard[1]} and merge_shards={merge_n} given together: run the "
+                          "shards with shard=i/n, then merge with merge_shards=n alone")
     # every name and value is checked before a folder is made or a model loaded
-    method, knobs = preflight(cfg, harness, check_model=backend is None)
+    method, knobs = preflight(cfg, harness, check_model=backend is None and not merge_n)
     out_dir = resolve_output_dir(cfg)
     fp = _fingerprint(cfg, method, knobs)
+    if merge_n:
+        return merge_shards(cfg, out_dir, merge_n, harness, method, knobs, fp, t_start)
+    work_dir = shard_dir(out_dir, *shard) if shard else out_dir
+    with OutputDirLock(work_dir, what=f"shard {shard[0]}/{shard[1]}" if shard else "eval"):
+        summary = _run_locked(cfg, backend, stop_after, harness, method, knobs, fp, work_dir, shard, t_start)
+    if shard is None or summary is None:
+        return summary
+    return _auto_merge(cfg, out_dir, shard[1], harness, method, knobs, fp, t_start)
+
+
+def _run_locked(cfg, backend, stop_after, harness, method, knobs, fp, out_dir: Path, shard, t_start) -> dict | None:
+    """Generate the run's (or shard's) missing requests into ``out_dir`` (locked by the caller);
+    score an unsharded run, mark a shard done. Returns the summary / the shard's done record."""
+    from benchmark.eval_shards import DONE, select, write_done
+
+    bcfg = cfg.benchmark
+    query_mode = str(cfg.get("query_mode", "aware"))
     run_path = out_dir / "run.json"
     pred_path = out_dir / "predictions.jsonl"
     if run_path.exists() and pred_path.exists():
@@ -663,6 +761,8 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
             pred_path.unlink()
     elif cfg.get("overwrite") and pred_path.exists():
         pred_path.unlink()
+    if shard:
+        (out_dir / DONE).unlink(missing_ok=True)  # done again only when this run ends
 
     own_backend = backend is None
     if own_backend:
@@ -671,20 +771,21 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         info = backend.describe()
-        session_mode = info.get("session_mode", "reprefill")
-        agnostic_effective = (query_mode == "agnostic") and (session_mode == "native")
-        if query_mode == "agnostic" and not agnostic_effective:
-            log.warning("query_mode=agnostic but the backend has no session API: the context is re-prefilled together "
-                        "with the question, so compression is NOT query-agnostic in this run (recorded in outputs)")
-        run_info = {"fingerprint": fp, "backend_info": info, "output_dir": str(out_dir), "git_commit": _git_commit(),
-                    "python": platform.python_version(), "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        run_path.write_text(json.dumps(run_info, indent=1, default=str))
+        run_info = {"fingerprint": fp, "settings_hash": settings_hash(fp), "backend_info": info,
+                    "output_dir": str(out_dir), "shard": list(shard) if shard else None, "overrides": _overrides(),
+                    "config": _plain(cfg), "git_commit": _git_commit(), "python": platform.python_version(),
+                    "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_atomic(run_path, json.dumps(run_info, indent=1, default=str))
 
         requests = harness.build_requests(bcfg, backend.tokenizer, backend.max_model_len, query_mode=query_mode)
         seen = Counter(r.uid for r in requests)
         dup = [u for u, c in seen.items() if c > 1]
         if dup:
             raise RuntimeError(f"duplicate request ids {dup[:5]}")
+        n_total = len(requests)
+        picked = select(requests, *shard) if shard else None
+        if picked is not None:
+            requests = [r for _, r in picked]
         common = {"query_mode": query_mode}
         store = PredictionStore(pred_path)
         bs = int(cfg.get("batch_size") or 1)
@@ -692,37 +793,89 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
                              stop_after=stop_after)
         if stop_after is not None and len(store.done) < len(requests):
             return None
+        if shard:
+            write_done(out_dir, shard[0], shard[1], picked, n_total, fp, info, backend.kv_stats(), n_run)
+            log.info("shard %d/%d done: %d requests in %s", shard[0], shard[1], len(requests), out_dir)
+            return {"shard": list(shard), "n_requests": len(requests), "n_generated_now": n_run}
         wanted = {r.uid for r in requests}
         records = [r for r in store.records if r["uid"] in wanted]
-        result = harness.score(records, bcfg)
-        kvs = backend.kv_stats()
-        result["kv"] = kv_summary(records, kvs.get("bytes_per_token"))
-        label = out_dir.name
-        summary = {"benchmark": str(bcfg.name), "label": label, "backend": str(cfg.backend), "method": method,
-                   "knobs": knobs, "model": info.get("model_path") or model_ref(cfg) or "smollm2-135m",
-                   "query_mode": query_mode, "query_agnostic_effective": agnostic_effective,
-                   "session_mode": session_mode, "n_requests": len(requests), "n_generated_now": n_run,
-                   "n_records": len(records), "wall_s": time.time() - t_start, "kv_stats": kvs,
-                   "result": result}
-        if hasattr(harness, "artifacts"):
-            summary["artifacts"] = harness.artifacts(records, bcfg, out_dir, summary)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        (out_dir / "summary.md").write_text(summary_markdown(summary))
-        with open(pred_path.with_name("scored.jsonl"), "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        if cfg.get("print_table", True):
-            print_summary(summary)
-        comp = comparison_table(out_dir.parent, str(bcfg.name))
-        if comp:
-            (out_dir.parent / "comparison.md").write_text(f"# {bcfg.name}: comparison\n\n" + comp)
-            if cfg.get("print_table", True):
-                print_markdown_table(comp, f"{bcfg.name}: all runs in {out_dir.parent}")
-        log.info("wrote %s", out_dir / "summary.json")
-        return summary
+        return finish_run(cfg, harness, out_dir, records, info, backend.kv_stats(), method, knobs,
+                          n_requests=n_total, n_run=n_run, t_start=t_start)
     finally:
         if own_backend:
             backend.close()
+
+
+def finish_run(cfg, harness, out_dir: Path, records: list[dict], info: dict, kvs: dict, method: str, knobs: dict,
+               n_requests: int, n_run: int, t_start: float, extra: dict | None = None) -> dict:
+    """Score the records (in request order) and write ``summary.*``, ``scored.jsonl``, the
+    harness's artifacts and ``../comparison.md``: the end of an unsharded run and of a merge."""
+    bcfg = cfg.benchmark
+    query_mode = str(cfg.get("query_mode", "aware"))
+    session_mode = info.get("session_mode", "reprefill")
+    agnostic_effective = (query_mode == "agnostic") and (session_mode == "native")
+    if query_mode == "agnostic" and not agnostic_effective:
+        log.warning("query_mode=agnostic but the backend has no session API: the context is re-prefilled together "
+                    "with the question, so compression is NOT query-agnostic in this run (recorded in outputs)")
+    result = harness.score(records, bcfg)
+    result["kv"] = kv_summary(records, kvs.get("bytes_per_token"))
+    label = out_dir.name
+    summary = {"benchmark": str(bcfg.name), "label": label, "backend": str(cfg.backend), "method": method,
+               "knobs": knobs, "model": info.get("model_path") or model_ref(cfg) or "smollm2-135m",
+               "query_mode": query_mode, "query_agnostic_effective": agnostic_effective,
+               "session_mode": session_mode, "n_requests": n_requests, "n_generated_now": n_run,
+               "n_records": len(records), "wall_s": time.time() - t_start, "kv_stats": kvs,
+               "result": result, **(extra or {})}
+    if hasattr(harness, "artifacts"):
+        summary["artifacts"] = harness.artifacts(records, bcfg, out_dir, summary)
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    write_atomic(out_dir / "summary.md", summary_markdown(summary))
+    write_atomic(out_dir / "scored.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    if cfg.get("print_table", True):
+        print_summary(summary)
+    comp = comparison_table(out_dir.parent, str(bcfg.name))
+    if comp:  # shared by the runs beside this one: replaced whole, never half written
+        write_atomic(out_dir.parent / "comparison.md", f"# {bcfg.name}: comparison\n\n" + comp)
+        if cfg.get("print_table", True):
+            print_markdown_table(comp, f"{bcfg.name}: all runs in {out_dir.parent}")
+    log.info("wrote %s", out_dir / "summary.json")
+    return summary
+
+
+def merge_shards(cfg, out_dir: Path, n: int, harness, method, knobs, fp, t_start) -> dict:
+    """Merge the n shards of the run in ``out_dir`` into its ``predictions.jsonl`` + summary (under
+    the run folder's lock); ShardsIncomplete when one is missing or unfinished."""
+    from benchmark.eval_shards import collect
+
+    with OutputDirLock(out_dir, what=f"merge of {n} shards"):
+        got = collect(out_dir, n, fp)
+        records = got["records"]
+        write_atomic(out_dir / "predictions.jsonl",
+                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        run_info = {"fingerprint": fp, "settings_hash": settings_hash(fp), "backend_info": got["backend_info"],
+                    "output_dir": str(out_dir), "merged_shards": got["shards"], "overrides": _overrides(),
+                    "config": _plain(cfg), "git_commit": _git_commit(), "python": platform.python_version(),
+                    "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_atomic(out_dir / "run.json", json.dumps(run_info, indent=1, default=str))
+        log.info("merged %d shards (%d records) into %s", n, len(records), out_dir)
+        return finish_run(cfg, harness, out_dir, records, got["backend_info"], got["kv_stats"], method, knobs,
+                          n_requests=got["n_total"], n_run=got["n_generated"], t_start=t_start)
+
+
+def _auto_merge(cfg, out_dir: Path, n: int, harness, method, knobs, fp, t_start) -> dict | None:
+    """After a shard: merge when every shard is done; another shard merging right now, or one still
+    running, is not an error (the last one to finish merges)."""
+    from benchmark.eval_shards import all_done
+
+    if not all_done(out_dir, n):
+        log.info("not merging yet: other shards of %s are still running (or merge later with merge_shards=%d)",
+                 out_dir, n)
+        return None
+    try:
+        return merge_shards(cfg, out_dir, n, harness, method, knobs, fp, t_start)
+    except OutputDirLocked as exc:
+        log.info("not merging: %s", exc)
+        return None
 
 
 def compose(overrides: list[str] | None = None):
@@ -741,7 +894,7 @@ def _hydra_entry():
     def _main(cfg):
         try:
             run_eval(cfg)
-        except (FileNotFoundError, ValueError, ImportError, KeyError) as exc:
+        except (FileNotFoundError, ValueError, ImportError, KeyError, OutputDirLocked, OSError) as exc:
             _fail(exc)
 
     return _main
@@ -757,7 +910,12 @@ def _fail(exc) -> None:
     raise SystemExit(2) from None
 
 
+_DECLARED_PLUS = ("+shard=", "+merge_shards=")
+
+
 def main():
+    # `+shard=i/n` (the documented spelling) names keys conf/eval.yaml declares: Hydra would refuse the `+`
+    sys.argv[1:] = [a[1:] if a.startswith(_DECLARED_PLUS) else a for a in sys.argv[1:]]
     try:  # names and values of the whole command (every job of a -m sweep) before Hydra runs anything
         validate_cli(sys.argv[1:])
     except (ConfigError, FileNotFoundError, ValueError, ImportError, KeyError) as exc:

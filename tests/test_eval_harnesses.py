@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmark.backends import Backend, GenParams, HFBackend, engine_import_error, middle_truncate_ids
-from benchmark.eval_runner import PredictionStore, comparison_table, compose, run_eval
+from benchmark.eval_runner import PredictionStore, comparison_table, compose, resolve_output_dir, run_eval
 from benchmark.fixtures import write_aime, write_longbench, write_scbench
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,8 @@ def test_longbench_end_to_end(tmp_path, hf):
     s = run_eval(cfg, backend=hf)
     assert set(s["result"]["scores"]) == {"hotpotqa", "trec", "lcc"}
     assert s["result"]["n"] == {"hotpotqa": 1, "trec": 1, "lcc": 1}
-    out = Path(cfg.results_root) / "longbench" / "hf-vanilla-aware"
+    out = resolve_output_dir(cfg)
+    assert out.parent.name == "longbench" and out.name.startswith("vanilla-")
     assert (out / "summary.md").read_text().count("|") > 6
     recs = _records(out)
     assert len(recs) == 3 and all(r["gen_tokens"] <= 4 for r in recs)
@@ -86,7 +87,7 @@ def test_longbench_query_agnostic_and_e_buckets(tmp_path, hf):
     assert s["query_mode"] == "agnostic" and s["query_agnostic_effective"] is True
     assert s["session_mode"] == "native"
     assert set(s["result"]["buckets"]["hotpotqa"]) == {"0-4k", "4-8k", "8k+"}
-    recs = _records(Path(cfg.results_root) / "longbench_e" / "hf-vanilla-agnostic")
+    recs = _records(resolve_output_dir(cfg))
     assert {r["query_mode"] for r in recs} == {"agnostic"} and len(recs) == 1
     # the split puts the question in the turn, not in the context
     from benchmark.longbench import build_requests
@@ -113,10 +114,10 @@ def test_longbench_e_bucket_scoring_without_model():
 def test_resume_after_interruption(tmp_path, hf):
     data = write_longbench(tmp_path / "lb")
     over = ["benchmark=longbench", f"benchmark.data_dir={data}", "benchmark.tasks=[hotpotqa,trec,lcc]",
-            "benchmark.limit=1", "benchmark.gen_cap=3", "batch_size=1"]
+            "benchmark.limit=1", "benchmark.gen_cap=3", "run_name=resume", "batch_size=1"]
     cfg = _cfg(tmp_path, *over)
     assert run_eval(cfg, backend=hf, stop_after=1) is None  # "killed" after one request
-    out = Path(cfg.results_root) / "longbench" / "hf-vanilla-aware"
+    out = Path(cfg.results_root) / "longbench" / "resume"
     first = _records(out)
     assert len(first) == 1
     with open(out / "predictions.jsonl", "a") as f:  # a kill in the middle of a write leaves a torn line
@@ -246,7 +247,7 @@ def test_aime_end_to_end(tmp_path, hf):
                "benchmark.max_tokens=5", "benchmark.limit=1")
     s = run_eval(cfg, backend=hf)
     assert s["result"]["n_samples"] == 2 and s["result"]["n"]["pass@1"] == 1
-    recs = _records(Path(cfg.results_root) / "aime" / "hf-vanilla-aware")
+    recs = _records(resolve_output_dir(cfg))
     assert len(recs) == 2 and {r["sample"] for r in recs} == {0, 1}
     assert recs[0]["answer"] == "5" and "pass@2" in s["result"]["scores"]
 
@@ -278,7 +279,7 @@ def test_niah_end_to_end_heatmap(tmp_path, hf):
     assert all(abs(r["actual_tokens"] - r["length"]) <= 4 for r in recs)
     assert s["result"]["average"] >= 50.0  # the shipped model finds most needles at these lengths
     comp = comparison_table(png.parent.parent, "niah")
-    assert "hf-vanilla-aware" in comp
+    assert s["label"] in comp and s["label"].startswith("vanilla-")
 
 
 def test_niah_needle_depth_placement(hf):
@@ -304,11 +305,11 @@ def test_engine_backend_matches_hf_on_niah(tmp_path, hf):
                 "benchmark.max_tokens=8")
     h = run_eval(hcfg, backend=hf)
     root = Path(cfg.results_root) / "niah"
-    e_pred = _records(root / "engine-vanilla-aware")[0]["pred"]
-    h_pred = _records(root / "hf-vanilla-aware")[0]["pred"]
+    e_pred = _records(resolve_output_dir(cfg))[0]["pred"]
+    h_pred = _records(resolve_output_dir(hcfg))[0]["pred"]
     assert e_pred == h_pred  # greedy vanilla engine == HF generate
     assert s["result"]["average"] == h["result"]["average"]
-    assert "engine-vanilla-aware" in (root / "comparison.md").read_text()
+    assert s["label"] in (root / "comparison.md").read_text() and s["label"] != h["label"]
 
 
 @pytest.mark.skipif(engine_import_error() is not None,
@@ -333,7 +334,7 @@ def test_method_knobs_and_run_folder(tmp_path):
         assert knobs["num_top_tokens"] == 32 and knobs["full_attn_layers"] == [0, 1, 2, 8, 18]  # from conf/model
     out = resolve_output_dir(compose(["method.name=streaming", "+method.budget=64", "results_root=/r",
                                       "benchmark=niah", "query_mode=agnostic"]))
-    assert str(out) == "/r/niah/engine-streaming-budget=64-agnostic"
+    assert out.parent == Path("/r/niah") and out.name.startswith("streaming-")  # + settings hash (issue 18.8)
     recs = [{"kv_bytes": 500, "context_tokens": 8, "gen_tokens": 2}, {"kv_bytes": 1000, "context_tokens": 10}]
     assert kv_summary(recs, 100) == {"kv_bytes_mean": 750, "kv_fraction_mean": 0.75}
 
@@ -372,5 +373,5 @@ def test_hydra_multirun_yields_one_comparison_table(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     comp = (tmp_path / "niah" / "comparison.md").read_text()
-    assert "hf-vanilla-aware" in comp and "hf-vanilla-agnostic" in comp
+    assert comp.count("| hf | vanilla |") == 2 and "| aware |" in comp and "| agnostic |" in comp
     assert "L=160" in comp and "niah: all runs" in r.stdout
