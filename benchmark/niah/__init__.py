@@ -371,7 +371,30 @@ def score(records: list[dict], bcfg) -> dict:
             "actual_tokens": actual, "header": header}
 
 
-def plot_heatmap(grid: dict, path: Path, title: str) -> Path:
+def title_inside(fig, ax) -> bool:
+    """Whether the axes title's drawn box lies inside the figure (renderer coordinates)."""
+    fig.canvas.draw()
+    box = ax.title.get_window_extent(fig.canvas.get_renderer())
+    return box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+
+
+def fit_title(fig, ax, title: str, fontsize: float = 9) -> None:
+    """Set ``title`` on ``ax`` and lay the figure out, wrapping the title on word boundaries until
+    it lies inside the figure (a long run name used to run off both sides of the small heatmap)."""
+    import textwrap
+
+    text, width = title, len(title)
+    while True:
+        ax.set_title(text, fontsize=fontsize)
+        fig.tight_layout()  # makes room above the axes for the (wrapped) title
+        if title_inside(fig, ax) or width <= 8:
+            return
+        width = max(8, int(width * 0.85))
+        text = "\n".join(textwrap.wrap(title, width=width, break_long_words=True, break_on_hyphens=True))
+
+
+def heatmap_figure(grid: dict, title: str):
+    """The depth x length accuracy heatmap as a matplotlib figure, title inside the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,7 +404,8 @@ def plot_heatmap(grid: dict, path: Path, title: str) -> Path:
     depths = list(grid.keys())
     lengths = list(next(iter(grid.values())).keys()) if grid else []
     data = np.array([[np.nan if grid[d][L] is None else grid[d][L] for L in lengths] for d in depths], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(1, len(lengths)), 1.2 + 0.6 * max(1, len(depths))))
+    # 4 inches at least: room for the colorbar and a readable title with a single length
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 + 1.1 * max(1, len(lengths))), 1.2 + 0.6 * max(1, len(depths))))
     im = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
     ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
@@ -392,14 +416,26 @@ def plot_heatmap(grid: dict, path: Path, title: str) -> Path:
             if not np.isnan(data[i, j]):
                 ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center", fontsize=9)
     fig.colorbar(im, ax=ax, label="retrieval accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fit_title(fig, ax, title)
+    return fig
+
+
+def plot_heatmap(grid: dict, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(grid, title)
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.1)  # nothing drawn is cut off
     plt.close(fig)
     return path
 
 
+def heatmap_title(summary: dict) -> str:
+    """What ran (method, its knobs, backend, query mode), the run folder and the average."""
+    knobs = ", ".join(f"{k}={v}" for k, v in sorted((summary.get("knobs") or {}).items()))
+    return (f"NIAH {summary.get('method', '')}{f' ({knobs})' if knobs else ''}, {summary.get('backend', '')}, "
+            f"{summary.get('query_mode', '')}: avg {summary['result']['average']} [{summary['label']}]")
+
+
 def artifacts(records, bcfg, out_dir: Path, summary: dict) -> dict:
-    png = plot_heatmap(summary["result"]["grid"], Path(out_dir) / "niah_heatmap.png",
-                       f"NIAH {summary['label']} (avg {summary['result']['average']})")
+    png = plot_heatmap(summary["result"]["grid"], Path(out_dir) / "niah_heatmap.png", heatmap_title(summary))
     return {"heatmap": str(png)}
