@@ -144,10 +144,32 @@ class CompressorOptions:
 
 @dataclass
 class LossConfig:
-    """loss = CE + mse_weight * sum_l layer_weights.get(l, 1) * MSE_l."""
+    """loss = CE + mse_weight * sum_l layer_weights.get(l, 1) * MSE_l (see ``deltakv.model``).
+
+    Attributes:
+        mse_weight / layer_weights: 1 and 1 per layer in ours and in the reference (its loss is
+            ``ntp_loss + sum_l mse_l``, CURRENTF/DeltaKV ``deltakv/modeling/*_training.py``).
+        mse_target: ``same_pass`` (ours: the K/V layer l computes in the compressed pass, detached) |
+            ``separate_pass`` (the reference: layer l's K/V in an extra uncompressed no-grad forward).
+        mse_tokens: ``compressed`` (ours: the non-prototype tokens) | ``all`` (the reference: every
+            token, sinks included, in the mean).
+        reconstruct_prototypes: False (ours: prototypes exact in training, as at inference) | True (the
+            reference: prototypes after the sinks are reconstructed too, each may be its own reference).
+    """
 
     mse_weight: float = 1.0
     layer_weights: dict[int, float] | None = None
+    mse_target: str = "same_pass"
+    mse_tokens: str = "compressed"
+    reconstruct_prototypes: bool = False
+
+    def __post_init__(self) -> None:
+        from deltakv.model import MSE_TARGETS, MSE_TOKENS
+
+        if self.mse_target not in MSE_TARGETS:
+            raise ValueError(f"loss.mse_target={self.mse_target!r}; choose one of {MSE_TARGETS}")
+        if self.mse_tokens not in MSE_TOKENS:
+            raise ValueError(f"loss.mse_tokens={self.mse_tokens!r}; choose one of {MSE_TOKENS}")
 
 
 @dataclass
@@ -206,14 +228,22 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation after training: perplexity on true vs reconstructed KV, MSE per layer."""
+    """Held-out evaluation after training: perplexity on true vs reconstructed KV, MSE per layer.
+
+    ``ood_tokens``: tokens of Python stdlib source (another domain than the training data) on which
+    the mean KL(true || reconstructed) of the next-token distributions and the top-1 agreement are
+    measured (``deltakv.evaluate.ood_fidelity``, issue 15.7); 0 turns it off. 4096 keeps it to a few
+    seconds on the shipped model."""
 
     enabled: bool = True
     max_sequences: int = 16
     batch_size: int = 1
+    ood_tokens: int = 4096
 
     def __post_init__(self) -> None:
         _at_least("eval", self, 1, "max_sequences", "batch_size")
+        if self.ood_tokens != 0 and self.ood_tokens < 2:
+            raise ValueError(f"eval.ood_tokens={self.ood_tokens}: use 0 (off) or >= 2 tokens (e.g. 4096)")
 
 
 @dataclass

@@ -53,8 +53,12 @@ def test_every_experiment_composes(tmp_path):
             cfg = compose("train", overrides=[f"+experiment={exp}", f"output_dir={tmp_path}", *FILL])
             tc = TrainConfig.from_omegaconf(cfg)
             assert tc.compressor.kv_compressed_size == 512 and tc.compressor.down == "mlp_swiglu"
-            assert tc.compressor.down_hidden == 3072 and tc.trainer.learning_rate == 2e-4
-            assert tc.trainer.max_steps == 20000 and tc.compressor.reference.stride == 10
+            assert tc.compressor.down_hidden == 3072 and tc.trainer.max_steps == 20000
+            # the reference recipe (issue 15.2): its train script's lr / warmup, every layer, random init
+            assert tc.trainer.learning_rate == 1e-4 and tc.trainer.warmup_ratio == 0.05
+            assert tc.model.full_attn_layers == [] and tc.compressor.init == "random"
+            assert (tc.loss.mse_target, tc.loss.mse_tokens, tc.loss.reconstruct_prototypes) == ("separate_pass", "all", True)
+            assert tc.compressor.reference.stride == 10 and tc.compressor.reference.stride_rounding == "floor"
 
 
 def test_unknown_keys_are_rejected(tmp_path):
