@@ -8,11 +8,16 @@ Steps: load the frozen model -> pack the data (cached by content hash) -> build 
 PCA init / closed-form PCA -> HF Trainer (resumes from the newest checkpoint in the output dir) ->
 save ``<output_dir>/compressor`` -> evaluate perplexity on true vs reconstructed KV ->
 ``<output_dir>/metrics.json`` + a printed table.
+
+Logs through ``logging`` (logger ``deltakv.train``; one INFO line with the effective config per run).
+Data parallel: ``torchrun --nproc_per_node N -m deltakv.train ...`` (DDP; gloo on CPU) or DeepSpeed
+ZeRO (``deepspeed=zero2``); rank 0 packs the data first, writes the checkpoints and the compressor.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +32,8 @@ from deltakv.config import TrainConfig
 
 # "../conf" of this file, as an absolute path so Hydra finds it whether run as a module or a script
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+log = logging.getLogger("deltakv.train")
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:
@@ -108,7 +115,7 @@ _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
 def _warn(message: str) -> None:
     warnings.warn(f"deltakv-train: {message}", RuntimeWarning, stacklevel=3)
-    print(f"[deltakv] warning: {message}", file=sys.stderr)
+    log.warning(message)
 
 
 def _remove_stale_saves(out_dir: Path) -> None:
@@ -132,21 +139,30 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     from deltakv.hf_model import load_frozen_lm
     from deltakv.model import DeltaKVForTraining
     from deltakv.pca import fit_pca_
+    from deltakv.run_logging import RunConfigCallback, config_dict, config_line, is_main_process, start_wandb_run
     from deltakv.trainer import DeltaKVTrainer, collate, training_arguments
 
     t0 = time.time()
     if cfg.trainer.torch_threads:
         torch.set_num_threads(cfg.trainer.torch_threads)
     set_seed(cfg.seed)
+    args = training_arguments(cfg)  # checks the logger; under torchrun / accelerate it joins the process group
+    cfg = _output_dir_of_rank0(cfg, args)
+    rank0 = is_main_process()
+    if rank0:
+        log.info("deltakv-train config %s", config_line(cfg))
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lm, tokenizer = load_frozen_lm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)
     comp_cfg = build_compressor_config(cfg, lm.config)
-    data, data_dir = pack_dataset(cfg.data, tokenizer)
+    # rank 0 packs (and caches) first, the other ranks then load its cache instead of racing it
+    with args.main_process_first(local=False, desc="pack the data"):
+        data, data_dir = pack_dataset(cfg.data, tokenizer)
     if len(data["train"]) == 0:
         raise ValueError(f"The packed train split at {data_dir} is empty; add documents or lower data.seq_len")
-    print(f"[deltakv] data {data_dir}: train {len(data['train'])} x {cfg.data.seq_len}, "
-          f"validation {len(data.get('validation', []))} sequences")
+    if rank0:
+        log.info("data %s: train %d x %d, validation %d sequences", data_dir, len(data["train"]),
+                 cfg.data.seq_len, len(data.get("validation", [])))
     device = next(lm.parameters()).device
     compressor = DeltaKVCompressor(comp_cfg).to(device)
     _remove_stale_saves(out_dir)
@@ -161,17 +177,18 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         timings["pca_s"] = round(time.time() - t, 2)
         train_info["pca_energy_captured"] = {str(k): round(v, 4) for k, v in energy.items()}
 
-    wrapper = DeltaKVForTraining(lm, compressor, cfg.loss.mse_weight, cfg.loss.layer_weights, cfg.loss.mse_target,
-                                 cfg.loss.mse_tokens, cfg.loss.reconstruct_prototypes)
+    wrapper = DeltaKVForTraining(lm, compressor, cfg.loss.mse_weight, cfg.loss.layer_weights)
     if cfg.model.gradient_checkpointing:
         wrapper.gradient_checkpointing_enable()
 
     if cfg.compressor.kind == "deltakv" and cfg.trainer.max_steps > 0:
         t = time.time()
-        trainer = DeltaKVTrainer(model=wrapper, args=training_arguments(cfg), train_dataset=data["train"],
+        start_wandb_run(cfg)
+        trainer = DeltaKVTrainer(model=wrapper, args=args, train_dataset=data["train"],
                                  data_collator=collate, callbacks=callbacks)
-        if resume:
-            print(f"[deltakv] resuming from {resume}")
+        trainer.add_callback(RunConfigCallback(config_dict(cfg), trainer.callback_handler.callbacks))
+        if resume and rank0:
+            log.info("resuming from %s", resume)
         result = trainer.train(resume_from_checkpoint=resume)
         timings["train_s"] = round(time.time() - t, 2)
         losses = [h for h in trainer.state.log_history if "loss" in h]
@@ -204,16 +221,34 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     return metrics
 
 
+def _output_dir_of_rank0(cfg: TrainConfig, args) -> TrainConfig:
+    """Every rank of a multi-process run uses rank 0's output dir: Hydra's default one is stamped with
+    each process's own start time (and clock, across nodes), which can differ by a second."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    if args.world_size == 1 or not dist.is_initialized():  # world_size sets up the process group
+        return cfg
+    shared = [cfg.output_dir]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] != cfg.output_dir:
+        log.debug("rank %d: output_dir %s -> rank 0's %s", dist.get_rank(), cfg.output_dir, shared[0])
+        args.output_dir = shared[0]
+        cfg = dataclasses.replace(cfg, output_dir=shared[0])
+    return cfg
+
+
 def _print_summary(m: dict) -> None:
     t, e = m.get("train", {}), m.get("eval")
-    print(f"[deltakv] compressor saved to {m['compressor']}  ({m['method']}, latent {m['kv_compressed_size']}"
-          f"/{m['kv_width']}, reference {m['reference']})")
+    log.info("compressor saved to %s  (%s, latent %s/%s, reference %s)", m["compressor"], m["method"],
+             m["kv_compressed_size"], m["kv_width"], m["reference"])
     if t.get("loss_first") is not None:
-        print(f"[deltakv] loss {t['loss_first']:.4f} -> {t['loss_last']:.4f} over {t['global_step']} steps")
+        log.info("loss %.4f -> %.4f over %d steps", t["loss_first"], t["loss_last"], t["global_step"])
     if e:
-        print(f"[deltakv] held-out perplexity: true {e['ppl_true']:.3f}, reconstructed {e['ppl_recon']:.3f} "
-              f"(x{e['ppl_ratio']:.3f})")
-    print(f"[deltakv] timings {m['timings']}")
+        log.info("held-out perplexity: true %.3f, reconstructed %.3f (x%.3f)", e["ppl_true"], e["ppl_recon"],
+                 e["ppl_ratio"])
+    log.info("timings %s", m["timings"])
 
 
 def _hydra_entry():

@@ -85,6 +85,10 @@ def warmup_steps(max_steps: int, warmup_ratio: float) -> int:
 class DeltaKVTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # compute_loss returns the batch mean and ignores num_items_in_batch; HF takes a forward with
+        # **kwargs as "normalises over the accumulated batch itself" and would then skip the division
+        # by gradient_accumulation_steps (logged loss and gradients N times too large with N steps)
+        self.model_accepts_loss_kwargs = False
         self._parts = {"ce": 0.0, "mse": 0.0, "n": 0}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -96,10 +100,20 @@ class DeltaKVTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._parts["n"]:
-            n = self._parts["n"]
-            logs["ce"], logs["mse"] = round(self._parts["ce"] / n, 5), round(self._parts["mse"] / n, 6)
+            ce, mse, n = self._parts_over_processes()
+            logs["ce"], logs["mse"] = round(ce / n, 5), round(mse / n, 6)
             self._parts = {"ce": 0.0, "mse": 0.0, "n": 0}
         super().log(logs, start_time)
+
+    def _parts_over_processes(self) -> tuple[float, float, int]:
+        """CE / MSE sums and batch count of every process (data parallel: each saw its own shard), so
+        the logged parts average the global batch like the logged loss; every rank calls log()."""
+        p = self._parts
+        if self.accelerator.num_processes == 1:
+            return p["ce"], p["mse"], p["n"]
+        local = torch.tensor([p["ce"], p["mse"], float(p["n"])], dtype=torch.float64, device=self.args.device)
+        ce, mse, n = self.accelerator.reduce(local, reduction="sum").tolist()
+        return ce, mse, int(n)
 
     def _compressor(self):
         return self.accelerator.unwrap_model(self.model).compressor
@@ -126,6 +140,8 @@ class DeltaKVTrainer(Trainer):
         staging, final = run_dir / f"{STAGING_PREFIX}-{step}", run_dir / f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{step}"
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)  # left by a run killed mid-save
+        # other ranks write their rng_state_<rank>.pth into staging: not before the removal above
+        self.accelerator.wait_for_everyone()
         limit, prefix = self.args.save_total_limit, hf_trainer.PREFIX_CHECKPOINT_DIR
         hf_trainer.PREFIX_CHECKPOINT_DIR, self.args.save_total_limit = STAGING_PREFIX, None
         try:

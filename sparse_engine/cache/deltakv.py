@@ -40,7 +40,7 @@ from ..models.spec import ModelSpec
 from ..offload.latent_store import LATENT_DTYPES, LatentCodec, Prefetcher, TieredLatentStore
 from .base import BatchView, CacheMethod, MethodConfig, View
 from .omnikv import _check_count, top_count
-from .scoring import group_scores, pick_top
+from .scoring import (check_prefill_select, check_score_mode, group_scores, pick_top, sequence_scores, step_budget)
 
 _DTYPE_ALIASES = {"bfloat16": "bf16", "fp32": "float32", "float": "float32"}
 
@@ -75,6 +75,29 @@ class DeltaKVConfig(MethodConfig):
             compressed tokens at `row_bytes`). Ignored with `deltakv_offload_latent` (rows on the host).
         deltakv_host_bytes: budget of the host tier (with offload); None = unbounded.
         deltakv_disk_bytes: budget of the disk tier (with `deltakv_cold_after`); None = unbounded.
+
+    The reference's rules, each a named option (defaults: ours; `sparse_engine.presets.PAPER` flips
+    them; reference = CURRENTF/Sparse-vLLM@0975d3f, the engine as the paper ran it):
+        score_mode: how observation layers score the history (`scoring.SCORE_MODES`): softmax_all
+            (ours) | raw_qk (the paper's engine) | softmax_candidates (its HF path / latest engine).
+        prefill_select: when prefill chunks select (`scoring.step_budget`): budget (ours and the
+            paper's engine: with `num_top_tokens_in_prefill`) | long_prompt | never (latest engine).
+        select_candidates: which history tokens a selection picks from: window (ours: every token
+            in [sinks, start - recent_size), compressed or not yet) | compressed (the reference: the
+            compressed region [sinks, compressed_upto), whatever is still exact is always read;
+            `sparse_controller.py` `_update_dynamic_omnikv_indices`: `rel_hist_lens = get_compressed_lens`).
+        proto_grid: where prototypes fall: global (ours: `deltakv.reference`'s one grid, sinks + every
+            stride-th position) | per_block (the reference: the every-stride-th grid restarts at each
+            compressed block, `cache_manager.py` `_deltakv_evict_one_seq`: `arange(0, evict_len,
+            cluster_step)`); they agree when the stride divides the block sizes. per_block stores
+            father POSITIONS in the latent rows (no closed-form ordinal), 4-byte ids past 32K positions.
+        exact_window: which tokens stay exact: fixed (ours: exactly `recent_size`, plus a pending
+            decode block) | blocks (the reference: compress in multiples of `recent_size` from the
+            compressed boundary, keeping between recent_size and 2*recent_size-1 exact; `cache_manager.py`
+            `evict_len = ((buffer_len - recent) // recent) * recent`; `decode_compress_block` unused).
+        prefill_compress: incremental (the reference and the default: after every prefill chunk) |
+            at_end (an ablation: the prompt stays exact, within the slot budget, until its last chunk,
+            then is compressed at once).
     """
 
     deltakv_path: object = None
@@ -92,8 +115,24 @@ class DeltaKVConfig(MethodConfig):
     latent_share: float | None = None
     deltakv_host_bytes: int | None = None
     deltakv_disk_bytes: int | None = None
+    score_mode: str = "softmax_all"
+    prefill_select: str = "budget"
+    select_candidates: str = "window"
+    proto_grid: str = "global"
+    exact_window: str = "fixed"
+    prefill_compress: str = "incremental"
 
     def validate(self, spec: ModelSpec) -> None:
+        check_score_mode("deltakv", self.score_mode)
+        check_prefill_select("deltakv", self.prefill_select)
+        for name, allowed in (("select_candidates", ("window", "compressed")), ("proto_grid", ("global", "per_block")),
+                              ("exact_window", ("fixed", "blocks")), ("prefill_compress", ("incremental", "at_end"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"deltakv.{name} must be one of {allowed}, got {getattr(self, name)!r} (the first is "
+                                 "ours; see DeltaKVConfig's docstring for the reference's)")
+        if self.exact_window == "blocks" and self.recent_size < 1:
+            raise ValueError("deltakv.exact_window='blocks' compresses in multiples of recent_size: recent_size must be "
+                             f">= 1, got {self.recent_size}")
         self.latent_dtype = _DTYPE_ALIASES.get(self.latent_dtype, self.latent_dtype)
         if self.latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"latent_dtype must be one of {LATENT_DTYPES}, got {self.latent_dtype!r}")
@@ -174,6 +213,18 @@ class _GroupPlan:
     scratch: torch.Tensor | None
     scratch_real: torch.Tensor | None  # the allocated scratch slots (freed at the end of the step)
     views: dict = field(default_factory=dict)  # observer -> (li, lvalid, rope_r, cols, lens, valid)
+
+
+def free_all(free, chunks: list) -> None:
+    """`free(c)` for every chunk, even when one raises (issue 17); the first error is raised after."""
+    error = None
+    for c in chunks:
+        try:
+            free(c)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other frees
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def load_for_engine(path_or_compressor, spec: ModelSpec, device):
@@ -257,7 +308,7 @@ class DeltaKVCache(CacheMethod):
 
     def _inv_ordinal(self, o: torch.Tensor) -> torch.Tensor:
         """Prototype position of prototype ordinal `o` (inverse of `_ordinal`)."""
-        if self.stride == 0:
+        if self.stride == 0 or self.config.proto_grid == "per_block":
             return o
         return torch.where(o < self.sinks, o, self.sinks + (o - self.sinks) * self.stride)
 
@@ -276,8 +327,7 @@ class DeltaKVCache(CacheMethod):
         hist_hi, ks, ws = [], [], []
         for row, b in enumerate(group.bidx):
             start = plan.starts[b]
-            budget = cfg.num_top_tokens if start >= plan.seqs[b].num_prompt_tokens else cfg.num_top_tokens_in_prefill
-            hi = start - cfg.recent_size
+            budget, hi = self._rule(plan.seqs[b], start)
             n_hist = max(0, hi - self.sinks)
             k = top_count(budget, n_hist) if budget is not None and n_hist else 0
             on = budget is not None and k < n_hist
@@ -320,10 +370,21 @@ class DeltaKVCache(CacheMethod):
                           self._tables(kpos_s.clamp(max=p_max - 1).reshape(-1)), lat_pos, lat_rows, nl, w, scratch,
                           scratch_real)
 
+    def _rule(self, seq, start: int):
+        """(top-k budget or None, history end) of a sequence's step whose first query is at `start`
+        (history = positions [sinks, end)): the one selection rule of both paths."""
+        cfg = self.config
+        decode = start >= seq.num_prompt_tokens
+        budget = step_budget(cfg, decode, seq.num_prompt_tokens, self.sinks, getattr(self, "max_chunk", None))
+        if cfg.select_candidates == "compressed":
+            return budget, seq.kv.state.compressed_upto
+        return budget, start - cfg.recent_size
+
     def end_step(self, plan) -> None:
-        for gp in (plan.method_data or {}).values():
-            if gp is not None and gp.scratch_real is not None:
-                self.pool.free(gp.scratch_real)
+        """Every group's scratch goes back, even when one free raises (issue 17): the list is made
+        first, each free is attempted, the first error is raised after all of them."""
+        free_all(self.pool.free, [gp.scratch_real for gp in (plan.method_data or {}).values()
+                                  if gp is not None and gp.scratch_real is not None])
 
     def observe_layer(self, plan, layer, group, q, view, kv) -> None:
         """At an observation layer: score the history (shared scorer), then build once for all the
@@ -335,10 +396,10 @@ class DeltaKVCache(CacheMethod):
         dev, hkv = self.pool.device, self.spec.num_kv_heads
         G, t_s = gp.kpos_s.shape
         if gp.selects:
-            score = group_scores(self.pool, self.scale, group, q, view, kv)  # [G, T]: column = position
-            T = score.shape[1]
+            T = view.table.shape[2]
             pcol = torch.arange(T, device=dev)
             hist = (pcol >= self.sinks) & (pcol < gp.hist_hi[:, None])
+            score = group_scores(self.pool, self.scale, group, q, view, kv, self.config.score_mode, hist)  # [G, T]: column = position
             picked = pick_top(score, hist, gp.k, gp.k_max)  # [G, T] by position
             picked = torch.cat([picked, picked.new_zeros(G, gp.colmap.shape[1] - T)], dim=1) \
                 if gp.colmap.shape[1] > T else picked[:, : gp.colmap.shape[1]]
@@ -411,13 +472,40 @@ class DeltaKVCache(CacheMethod):
         return dispatch(self.decode_kernel is not None)  # the engine sets decode_kernel where Triton runs
 
     def _ordinal(self, pos: torch.Tensor) -> torch.Tensor:
-        """Prototype ordinal of prototype positions (sinks 0..S-1, then one per stride)."""
-        if self.stride == 0:
+        """Prototype ordinal of prototype positions (sinks 0..S-1, then one per stride); with
+        proto_grid='per_block' the position itself (no closed form)."""
+        if self.stride == 0 or self.config.proto_grid == "per_block":
             return pos
         return torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) // max(self.stride, 1))
 
-    def _is_proto(self, pos: torch.Tensor) -> torch.Tensor:
-        return self.ref.is_prototype(pos)
+    def _is_proto(self, pos: torch.Tensor, done: int = 0, block_start: int | None = None) -> torch.Tensor:
+        """Prototype mask of positions. global: `deltakv.reference`'s grid. per_block (the reference's):
+        every token before `done` still held exact is a sink or an earlier block's prototype; in the
+        block being compressed, from `block_start`, every stride-th token (block-relative)."""
+        if self.config.proto_grid == "global":
+            return self.ref.is_prototype(pos)
+        start = max(done, self.sinks) if block_start is None else block_start
+        old = pos < start
+        if self.stride == 0:
+            return old
+        return old | ((pos - start) % self.stride == 0)
+
+    def _boundary(self, seq, num_new_tokens: int, prefill_done: bool) -> int | None:
+        """Tokens before the returned position leave the exact window now (None: nothing this step)."""
+        cfg, st = self.config, seq.kv.state
+        if cfg.prefill_compress == "at_end" and not prefill_done:
+            return None  # the prompt stays exact until its last chunk
+        base = max(st.compressed_upto, self.sinks)
+        if cfg.exact_window == "blocks":  # the reference: multiples of the recent window
+            buffer = seq.num_computed - base
+            evict = (buffer - cfg.recent_size) // cfg.recent_size * cfg.recent_size if buffer > cfg.recent_size else 0
+            return base + evict if evict > 0 else None
+        boundary = seq.num_computed - cfg.recent_size
+        if boundary <= self.sinks:
+            return None
+        if num_new_tokens == 1 and boundary - st.compressed_upto < cfg.decode_compress_block:
+            return None  # decode: wait until a block of tokens has left the recent window
+        return boundary
 
     def _tables(self, pos: torch.Tensor):
         from ..kernels.deltakv_kernels import rope_half_tables
@@ -502,8 +590,10 @@ class DeltaKVCache(CacheMethod):
         layer's scratch (every compressed token, in a prefill step that reconstructs them all)."""
         chunk = min(num_tokens, getattr(self, "max_chunk", None) or num_tokens)
         protos = (num_tokens // self.stride + 1) if self.stride else 0
-        per_sparse = min(num_tokens, self.sinks + protos + self.config.recent_size + self.config.decode_compress_block
-                         + chunk)
+        cfg = self.config
+        window = 2 * cfg.recent_size if cfg.exact_window == "blocks" else cfg.recent_size + cfg.decode_compress_block
+        per_sparse = (num_tokens if cfg.prefill_compress == "at_end"  # the whole prompt exact until its end
+                      else min(num_tokens, self.sinks + protos + window + chunk))
         return (len(self.full) * num_tokens + len(self.sparse) * per_sparse + num_tokens) * self.spec.num_kv_heads
 
     # ------------------------------------------------------------------ scheduling
@@ -529,8 +619,7 @@ class DeltaKVCache(CacheMethod):
             need = torch.ones(len(handles), dtype=torch.bool)
         else:
             kpos = self.pool.pos[slots[0]].cpu()
-            start = int(q_pos.min())
-            hist = (kpos >= self.sinks) & (kpos < start - self.config.recent_size)
+            hist = (kpos >= self.sinks) & (kpos < self._rule(seq, int(q_pos.min()))[1])
             keep = ~hist | torch.isin(kpos, sel)
             need = torch.isin(lpos, sel)
         if keep is not None and not bool(keep.all()):
@@ -566,7 +655,8 @@ class DeltaKVCache(CacheMethod):
         if self.num_fathers:
             slots_full = seq.kv.tables[layer].padded()[0]
             fpos = self.pool.pos[slots_full[0]]
-            pmask = self._is_proto(fpos)
+            pmask = (self._is_proto(fpos) if self.config.proto_grid == "global"
+                     else fpos < max(seq.kv.state.compressed_upto, self.sinks))  # per_block: every exact token there
             ppos = fpos[pmask]
             proto_kv = self._pre_rope_kv(slots_full[:, pmask], ppos)
             lookup = torch.full((int(self._ordinal(ppos).max()) + 2 if len(ppos) else 1,), -1, dtype=torch.long,
@@ -591,42 +681,53 @@ class DeltaKVCache(CacheMethod):
             return
         sel = seq.kv.state.sel
         sel[layer] = None  # default: the sparse layers read (and reconstruct) everything this step
-        decode = int(q_pos[0]) >= seq.num_prompt_tokens
-        budget = self.config.num_top_tokens if decode else self.config.num_top_tokens_in_prefill
+        budget, hi = self._rule(seq, int(q_pos.min()))
         if budget is None:
             return
         k, _, kpos = gather_kv(self.pool, view.slots)
-        start = int(q_pos.min())
         pos = kpos[0].cpu()
-        history = (pos >= self.sinks) & (pos < start - self.config.recent_size)
+        history = (pos >= self.sinks) & (pos < hi)
         n_hist = int(history.sum())
         k_top = top_count(budget, n_hist) if n_hist else 0
         if k_top >= n_hist:
             return
-        probs = attention_probs(q, q_pos, k, kpos, view.valid.to(kpos.device), self.scale)
-        score = probs.amax(dim=(0, 1)).cpu().masked_fill(~history, float("-inf"))
+        score = sequence_scores(q, q_pos, k, kpos, view.valid, self.scale, self.config.score_mode,
+                                history).cpu().masked_fill(~history, float("-inf"))
         sel[layer] = pos[score.topk(k_top).indices].sort().values
 
     # ------------------------------------------------------------------ per step
     @torch.inference_mode()
     def after_step(self, seq, prefill_done: bool, num_new_tokens: int) -> None:
-        """Compress every sparse layer's tokens that left the recent window; free their slots."""
+        """Compress every sparse layer's tokens that left the exact window (`_boundary`); free their
+        slots. Two phases (issue 17): every layer's latents are computed and stored first (nothing
+        else changes: on an exception the new rows are freed and the sequence is as it was), then the
+        rows are recorded and every layer's slots are freed and dropped from its table (each free
+        attempted even if one raises)."""
+        self._pending = []
+        try:
+            self._compress(seq, prefill_done, num_new_tokens)
+        except BaseException:
+            if self._pending:  # stored, not yet owned by the sequence
+                self.store.free(torch.cat(self._pending))
+            raise
+        finally:
+            self._pending = []
+
+    def _compress(self, seq, prefill_done: bool, num_new_tokens: int) -> None:
         self.store.tick()
-        boundary = seq.num_computed - self.config.recent_size
-        if boundary <= self.sinks:
+        boundary = self._boundary(seq, num_new_tokens, prefill_done)
+        if boundary is None:
             return
         st: DeltaState = seq.kv.state
         done = st.compressed_upto
-        if num_new_tokens == 1 and boundary - done < self.config.decode_compress_block:
-            return  # decode: wait until a block of tokens has left the recent window
-        st.compressed_upto = boundary
+        block_start = max(done, self.sinks)
         _, _, topk = self._kernels
-        new_handles, new_pos = [], None
+        new_handles, new_pos, commits = self._pending, None, []
         for layer in self.sparse:
             table = seq.kv.tables[layer]
             slots, _ = table.padded()
             pos = self.pool.pos[slots[0]]
-            proto = self._is_proto(pos)
+            proto = self._is_proto(pos, done, block_start)
             comp = (pos < boundary) & ~proto
             if not bool(comp.any()):
                 continue
@@ -652,10 +753,7 @@ class DeltaKVCache(CacheMethod):
             handles = self.store.put(latent, ords)
             new_handles.append(handles)
             new_pos = cpos.cpu()
-            keep = ~comp
-            self.pool.free(slots[:, comp].reshape(-1))
-            table.replace([slots[h][keep] for h in range(table.num_kv_heads)])
-            self.counters["compressed_tokens"] += len(cpos)
+            commits.append((table, slots, comp))
         if new_handles:
             if len(new_handles) != len(self.sparse):
                 raise RuntimeError("deltakv: sparse layers compressed different tokens (they must hold the same positions)")
@@ -664,6 +762,14 @@ class DeltaKVCache(CacheMethod):
             st.lat_handles = torch.cat([st.lat_handles, h], dim=1)
             if st.lat_rows is not None and self.store.disk is None and not self.config.deltakv_offload_latent:
                 st.lat_rows = torch.cat([st.lat_rows, self.store.index[h].to(self.pool.device)], dim=1)
+        self._pending = []  # the rows are the sequence's now (released with it)
+        st.compressed_upto = boundary
+        try:
+            free_all(self.pool.free, [slots[:, comp].reshape(-1) for _, slots, comp in commits])
+        finally:
+            for table, slots, comp in commits:
+                table.replace([slots[h][~comp] for h in range(table.num_kv_heads)])
+                self.counters["compressed_tokens"] += int(comp.sum())
 
     # ------------------------------------------------------------------ accounting
     def latent_rows(self, seq) -> int:

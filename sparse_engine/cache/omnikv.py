@@ -20,16 +20,16 @@ positions in the same order). A group where nobody selects reads exactly vanilla
 
 from __future__ import annotations
 
-import math
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import torch
 
-from ..layers.attention_ops import attention_probs, gather_kv
+from ..layers.attention_ops import gather_kv
 from ..models.spec import ModelSpec
 from .base import BatchView, CacheMethod, MethodConfig, View
-from .scoring import group_scores, pick_top
+from .scoring import (check_prefill_select, check_score_mode, group_scores, pick_top, sequence_scores, step_budget,
+                      top_tokens_of)
 
 def _check_count(name: str, value) -> None:
     if value is None:
@@ -55,6 +55,16 @@ class OmniKVConfig(MethodConfig):
             prefill.
         sink_size: first tokens every sparse layer reads.
         recent_size: most recent tokens (before the current queries) every sparse layer reads.
+        score_mode: how the observation layer scores the history (`scoring.SCORE_MODES`):
+            softmax_all (ours) | raw_qk (the reference engine as the paper ran it) |
+            softmax_candidates (its HF path / latest engine: softmax over the history only).
+        prefill_select: when prefill chunks select (`scoring.step_budget`): budget (ours: with
+            `num_top_tokens_in_prefill`) | long_prompt (the paper's engine: prompts longer than
+            sinks + recent + top + chunk) | never (its latest engine).
+        recent_includes_current: at decode the recent window counts the current token (the
+            reference: `hist_lens = context_lens - num_recent`, context including the new token;
+            CURRENTF/Sparse-vLLM@0975d3f:src/sparsevllm/engine/sparse_controller.py
+            `_update_dynamic_omnikv_indices`); False (ours): `recent_size` tokens before it.
     """
 
     full_attn_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 8, 18])
@@ -62,6 +72,9 @@ class OmniKVConfig(MethodConfig):
     num_top_tokens_in_prefill: int | float | None = None
     sink_size: int = 4
     recent_size: int = 32
+    score_mode: str = "softmax_all"
+    prefill_select: str = "budget"
+    recent_includes_current: bool = False
 
     def validate(self, spec: ModelSpec) -> None:
         layers = list(self.full_attn_layers)
@@ -79,12 +92,13 @@ class OmniKVConfig(MethodConfig):
         _check_count("num_top_tokens_in_prefill", self.num_top_tokens_in_prefill)
         if self.sink_size < 0 or self.recent_size < 0:
             raise ValueError(f"sink_size and recent_size must be >= 0, got {self.sink_size}, {self.recent_size}")
+        check_score_mode("omnikv", self.score_mode)
+        check_prefill_select("omnikv", self.prefill_select)
+        if not isinstance(self.recent_includes_current, bool):
+            raise ValueError(f"omnikv.recent_includes_current must be true or false, got {self.recent_includes_current!r}")
 
 
-def top_count(value: int | float, history: int) -> int:
-    """Tokens to keep out of `history`: an int as is, a fraction rounded up (at least one)."""
-    k = value if isinstance(value, int) else max(1, math.ceil(value * history))
-    return min(k, history)
+top_count = top_tokens_of  # (shared with deltakv)
 
 
 class _Selection(MutableMapping):
@@ -175,8 +189,8 @@ class OmniKVCache(CacheMethod):
         hist_hi, ks, kept, selects = [], [], [], []
         for row, b in enumerate(group.bidx):
             start, length = plan.starts[b], lengths[row]
-            budget = cfg.num_top_tokens if start >= plan.seqs[b].num_prompt_tokens else cfg.num_top_tokens_in_prefill
-            hi = min(start - cfg.recent_size, length)  # history: columns (= positions) [sink_size, hi)
+            budget, hi = self._rule(plan.seqs[b], start)
+            hi = min(hi, length)  # history: columns (= positions) [sink_size, hi)
             n_hist = max(0, hi - cfg.sink_size)
             k = top_count(budget, n_hist) if budget is not None and n_hist else 0
             on = budget is not None and k < n_hist
@@ -191,6 +205,15 @@ class OmniKVCache(CacheMethod):
         lens = kept_d[:, None].expand(len(kept), self.spec.num_kv_heads).contiguous()
         valid = torch.arange(max(kept), device=dev)[None, None, :] < lens[:, :, None]
         return _GroupSelection(hist_hi_d, k_d, max(ks), max(kept), kept, lens, valid), selects
+
+    def _rule(self, seq, start: int):
+        """(top-k budget or None, history end) of a sequence's step whose first query is at `start`:
+        the one rule of both paths."""
+        cfg = self.config
+        decode = start >= seq.num_prompt_tokens
+        budget = step_budget(cfg, decode, seq.num_prompt_tokens, cfg.sink_size, getattr(self, "max_chunk", None))
+        hi = start - cfg.recent_size + (1 if decode and cfg.recent_includes_current else 0)
+        return budget, hi
 
     def layer_view(self, plan, layer, group) -> BatchView:
         sel = plan.method_data.get(id(group)) if layer not in self.full and plan.method_data else None
@@ -209,10 +232,11 @@ class OmniKVCache(CacheMethod):
         sel = plan.method_data.get(id(group))
         if sel is None:
             return
-        score = self._scores(group, q, view, kv)  # [G, T]
-        G, T = score.shape
-        col = torch.arange(T, device=score.device)
+        T = view.table.shape[2]
+        col = torch.arange(T, device=view.table.device)
         hist = (col >= self.config.sink_size) & (col < sel.hist_hi[:, None])  # [G, T]
+        score = self._scores(group, q, view, kv, hist)  # [G, T]
+        G = score.shape[0]
         picked = pick_top(score, hist, sel.k, sel.k_max)
         keep = (col < view.lens[:, :1]) & (~hist | picked)  # exactly sel.kept[g] columns per row
         dest = torch.where(keep, keep.cumsum(1) - 1, sel.t_kept).clamp_(max=sel.t_kept)
@@ -220,16 +244,11 @@ class OmniKVCache(CacheMethod):
         cols.scatter_(1, dest, col.expand(G, T))  # kept columns to the front, in order; rest to a dump column
         sel.cols[layer] = cols[:, : sel.t_kept]
 
-    def _scores(self, group, q, view, kv) -> torch.Tensor:
-        return group_scores(self.pool, self.scale, group, q, view, kv)
+    def _scores(self, group, q, view, kv, cand) -> torch.Tensor:
+        return group_scores(self.pool, self.scale, group, q, view, kv, self.config.score_mode, cand)
 
     # ------------------------------------------------------------------ per-sequence hooks (legacy path:
     # SparseX prefill steps run them)
-    def _budget(self, seq, q_pos):
-        """The top-k knob for this step: decode, or a prefill chunk (None: full attention)."""
-        decode = seq.num_computed >= seq.num_prompt_tokens  # host-side: no device sync per layer
-        return self.config.num_top_tokens if decode else self.config.num_top_tokens_in_prefill
-
     def view(self, seq, layer, q, q_pos) -> View:
         slots, valid = seq.kv.tables[layer].padded()
         cols = seq.kv.state.get("cols", {}).get(self.source.get(layer))
@@ -242,20 +261,20 @@ class OmniKVCache(CacheMethod):
             return
         sel = seq.kv.state.setdefault("cols", {})
         sel[layer] = None  # default: the sparse layers read everything this step
-        budget = self._budget(seq, q_pos)
+        start = seq.num_computed  # position of this step's first query (host-side: no device sync per layer)
+        budget, hi = self._rule(seq, start)
         if budget is None:
             return
         cfg = self.config
         k, _, kpos = gather_kv(self.pool, view.slots)
-        start = seq.num_computed  # position of this step's first query
         pos = kpos[0].cpu()  # every head of every layer holds the same positions in the same order
-        history = (pos >= cfg.sink_size) & (pos < start - cfg.recent_size)
+        history = (pos >= cfg.sink_size) & (pos < hi)
         n_hist = int(history.sum())
         k_top = top_count(budget, n_hist) if n_hist else 0
         if k_top >= n_hist:
             return  # the budget covers the whole history: nothing to mask
-        probs = attention_probs(q, q_pos, k, kpos, view.valid.to(kpos.device), self.scale)  # [Hq, n, T]
-        score = probs.amax(dim=(0, 1)).cpu().masked_fill(~history, float("-inf"))
+        score = sequence_scores(q, q_pos, k, kpos, view.valid, self.scale, cfg.score_mode, history)
+        score = score.cpu().masked_fill(~history, float("-inf"))
         keep = ~history
         keep[score.topk(k_top).indices] = True
         sel[layer] = keep.nonzero().squeeze(1)

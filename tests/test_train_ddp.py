@@ -1,0 +1,108 @@
+"""Data-parallel training (issue 18): 2 processes under torchrun (DDP, gloo on CPU) follow the same loss
+curve as 1 process with the same global batch, and rank 0 alone writes the checkpoints and the
+compressor; gradient accumulation gives that curve too."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from deltakv.checkpoint import load_compressor
+from deltakv.config import TrainConfig
+from deltakv.testing import make_tiny_model
+from deltakv.train import CONF_DIR, run_training
+
+REPO = Path(CONF_DIR).parent
+TEXT = [
+    "the first year of the new time was one of more people and more work",
+    "they said it was the first time that the people had a new year",
+    "after three years the work was done and the people were happy with it",
+    "a new year is the time for people to say what they had done",
+] * 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    model = make_tiny_model(root / "model", TEXT, num_layers=3, num_kv_heads=2, head_dim=8)
+    (root / "corpus.txt").write_text("\n\n".join(TEXT))
+    return root, model
+
+
+def overrides(root: Path, model: Path, *extra: str) -> list[str]:
+    # lr 5e-2: the 4 steps move the compressor far beyond float noise, so equal curves mean equal training
+    return [
+        f"model.path={model}", "model.full_attn_layers=[0]", "data=text", f"data.sources.0.path={root / 'corpus.txt'}",
+        "data.seq_len=32", "data.eval_fraction=0.2", f"data.cache_dir={root / 'packed'}",
+        "compressor.kv_compressed_size=8", "compressor.down_hidden=16", "compressor.pca_batches=2",
+        "compressor.reference.num_sinks=2", "compressor.reference.cluster_ratio=0.25",
+        "trainer.max_steps=4", "trainer.save_steps=2", "trainer.logging_steps=1", "trainer.disable_tqdm=true",
+        "trainer.learning_rate=5e-2", "trainer.warmup_ratio=0", "eval.max_sequences=2", *extra,
+    ]
+
+
+def run_in_process(*ovr: str) -> dict:
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return run_training(TrainConfig.from_omegaconf(compose("train", overrides=list(ovr))))
+
+
+def curve(metrics: dict) -> list[tuple[int, float, float, float]]:
+    return [(h["step"], h["loss"], h["ce"], h["mse"]) for h in metrics["train"]["log_history"]]
+
+
+def assert_same_curve(a: dict, b: dict) -> None:
+    ca, cb = curve(a), curve(b)
+    assert [s for s, *_ in ca] == [s for s, *_ in cb] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([c[1:] for c in cb], dtype=torch.float64),
+                               torch.tensor([c[1:] for c in ca], dtype=torch.float64), rtol=1e-5, atol=2e-6)
+
+
+def assert_same_compressor(a: Path, b: Path) -> None:
+    sa, sb = load_compressor(a).state_dict(), load_compressor(b).state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_gradient_accumulation_follows_the_same_global_batch(setup, tmp_path):
+    """batch 2 x 1 step == batch 1 x 2 accumulated steps (was: loss and gradients summed, x2)."""
+    root, model = setup
+    batch = run_in_process(*overrides(root, model, f"output_dir={tmp_path / 'b2'}",
+                                      "trainer.per_device_train_batch_size=2"))
+    accum = run_in_process(*overrides(root, model, f"output_dir={tmp_path / 'ga2'}",
+                                      "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=2"))
+    assert_same_curve(batch, accum)
+    assert_same_compressor(tmp_path / "b2" / "compressor", tmp_path / "ga2" / "compressor")
+
+
+def test_two_processes_follow_the_one_process_curve_and_rank0_saves_once(setup, tmp_path):
+    root, model = setup
+    one = run_in_process(*overrides(root, model, f"output_dir={tmp_path / 'one'}",
+                                    "trainer.per_device_train_batch_size=2"))
+    # each rank asks for its own output dir: rank 1 must follow rank 0's (Hydra's default run dir is
+    # stamped with each process's start time, which can differ between ranks)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "deltakv.train", *overrides(root, model, "trainer.per_device_train_batch_size=1",
+                                             f"output_dir={two}/rank${{oc.env:RANK}}", f"hydra.run.dir={two}/hydra")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = two / "rank0"
+    assert not (two / "rank1").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert_same_curve(one, metrics)
+    assert abs(curve(metrics)[-1][3] - curve(metrics)[0][3]) > 1e-3  # the MSE curve moved: a real training
+    # exactly one compressor, rank 0's, equal to the 1-process one; the checkpoints hold both ranks' RNG state
+    assert sorted(two.rglob("compressor/compressor.safetensors")) == [out / "compressor" / "compressor.safetensors"]
+    assert_same_compressor(tmp_path / "one" / "compressor", out / "compressor")
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert {p.name for p in (out / "checkpoint-4").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    # one config line per run (rank 0 only)
+    log = (two / "hydra" / "train.log").read_text()
+    assert log.count("deltakv-train config ") == 1, log[-2000:]
