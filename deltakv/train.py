@@ -177,7 +177,8 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         timings["pca_s"] = round(time.time() - t, 2)
         train_info["pca_energy_captured"] = {str(k): round(v, 4) for k, v in energy.items()}
 
-    wrapper = DeltaKVForTraining(lm, compressor, cfg.loss.mse_weight, cfg.loss.layer_weights)
+    wrapper = DeltaKVForTraining(lm, compressor, cfg.loss.mse_weight, cfg.loss.layer_weights, cfg.loss.mse_target,
+                                 cfg.loss.mse_tokens, cfg.loss.reconstruct_prototypes)
     if cfg.model.gradient_checkpointing:
         wrapper.gradient_checkpointing_enable()
 
