@@ -5,7 +5,12 @@ model: once on its true K/V, once with every compressed layer's K/V replaced by 
 (prototypes exact), and reports token-level perplexities, their ratio, and per layer the MSE and the
 relative error ``MSE / Var(kv)`` (fraction of the KV variance not reconstructed).
 
-CLI: ``python -m deltakv.evaluate CHECKPOINT_DIR [--model PATH] [--max-sequences N] [--json OUT]``.
+``ood_fidelity(wrapper, sequences)`` measures faithfulness where adapting to the training domain
+cannot help (issue 15.7): on text of another domain (``deltakv.ood_text``: Python stdlib source), the
+mean KL(p_true || p_recon) of the next-token distributions and the top-1 agreement of the two, with
+both perplexities beside them. ``ood_fidelity_of_checkpoint`` does it for a saved compressor.
+
+CLI: ``python -m deltakv.evaluate CHECKPOINT_DIR [--model PATH] [--max-sequences N] [--ood-tokens N] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -71,6 +76,72 @@ def evaluate_reconstruction(wrapper: DeltaKVForTraining, dataset, max_sequences:
     }
 
 
+@torch.no_grad()
+def ood_fidelity(wrapper: DeltaKVForTraining, sequences: torch.Tensor, batch_size: int = 1,
+                 desc: str = "ood") -> dict:
+    """``{"kl_mean", "top1_agree", "ppl_true", "ppl_recon", "ppl_ratio", "tokens", "sequences"}`` over the
+    next-token distributions at every position but the last of each sequence (the positions the
+    perplexity scores): p from the true K/V, q from the reconstructed one, ``KL(p || q) = sum_v p_v
+    (log p_v - log q_v)`` in nats, top-1 agreement = fraction of positions where argmax p == argmax q."""
+    was_training = wrapper.training
+    wrapper.eval()
+    device = next(wrapper.lm.parameters()).device
+    sequences = torch.as_tensor(sequences)
+    if sequences.dim() != 2 or sequences.shape[0] == 0 or sequences.shape[1] < 2:
+        raise ValueError(f"ood sequences of shape {tuple(sequences.shape)}: need [N >= 1, L >= 2] token ids")
+    kl_sum = agree = nll_true = nll_rec = 0.0
+    positions = 0
+    for start in tqdm(range(0, sequences.shape[0], batch_size), desc=desc, leave=False):
+        ids = sequences[start:start + batch_size].to(device)
+        with wrapper.reconstruction(False):
+            true_logits = wrapper.lm(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        rec_logits = wrapper(input_ids=ids)["logits"][:, :-1].float()
+        logp, logq = true_logits.log_softmax(-1), rec_logits.log_softmax(-1)
+        kl_sum += float((logp.exp() * (logp - logq)).sum())
+        agree += float((true_logits.argmax(-1) == rec_logits.argmax(-1)).sum())
+        target = ids[:, 1:].unsqueeze(-1)
+        nll_true -= float(logp.gather(-1, target).sum())
+        nll_rec -= float(logq.gather(-1, target).sum())
+        positions += target.numel()
+    wrapper.train(was_training)
+    ppl_true, ppl_rec = math.exp(nll_true / positions), math.exp(nll_rec / positions)
+    return {"kl_mean": kl_sum / positions, "top1_agree": agree / positions, "ppl_true": ppl_true,
+            "ppl_recon": ppl_rec, "ppl_ratio": ppl_rec / ppl_true, "tokens": positions,
+            "sequences": int(sequences.shape[0])}
+
+
+def evaluate_ood(wrapper: DeltaKVForTraining, tokenizer, tokens: int = 4096, seq_len: int = 512,
+                 texts: list[tuple[str, str]] | None = None) -> dict:
+    """``ood_fidelity`` on ``tokens`` tokens of ``texts`` (default: Python stdlib source,
+    ``deltakv.ood_text``) cut into sequences of ``min(seq_len, tokens)``; the result names the sources."""
+    from deltakv.ood_text import ood_sequences
+
+    seqs, sources = ood_sequences(tokenizer, tokens, seq_len, texts)
+    return {**ood_fidelity(wrapper, seqs), "sources": sources}
+
+
+def ood_fidelity_of_checkpoint(checkpoint: str | Path, model: str | None = "smollm2-135m", tokens: int = 4096,
+                               seq_len: int = 512, texts: list[tuple[str, str]] | None = None) -> dict:
+    """``evaluate_ood`` of a saved compressor on its frozen model (what ``experiments/train_ablations``
+    calls on each trained compressor)."""
+    from deltakv.checkpoint import load_compressor
+    from deltakv.hf_model import load_frozen_lm
+
+    lm, tok = load_frozen_lm(model)
+    comp = load_compressor(checkpoint, expected_model_config=lm.config)
+    return evaluate_ood(DeltaKVForTraining(lm, comp), tok, tokens, seq_len, texts)
+
+
+def format_ood(metrics: dict, title: str = "DeltaKV fidelity out of domain (Python stdlib source)") -> str:
+    """Plain-text lines of an ``ood_fidelity`` result."""
+    return "\n".join([
+        title, f"  sequences {metrics['sequences']}, predicted tokens {metrics['tokens']}",
+        f"  KL(true || reconstructed) {metrics['kl_mean']:.4f} nats/token",
+        f"  top-1 agreement           {metrics['top1_agree']:.4f}",
+        f"  perplexity true KV {metrics['ppl_true']:.3f}, reconstructed {metrics['ppl_recon']:.3f} "
+        f"(x{metrics['ppl_ratio']:.3f})"])
+
+
 def format_table(metrics: dict, title: str = "DeltaKV reconstruction (held-out)") -> str:
     """Plain-text table of an ``evaluate_reconstruction`` result."""
     lines = [title, f"  sequences {metrics['sequences']}, tokens {metrics['tokens']}",
@@ -96,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-sequences", type=int, default=16)
     ap.add_argument("--text", default=None, help="held-out text file (default: the shipped news split)")
     ap.add_argument("--cache-dir", default=None, help="where packed data is cached (default: user cache)")
+    ap.add_argument("--ood-tokens", type=int, default=4096,
+                    help="tokens of Python stdlib source for the out-of-domain KL / top-1 (0: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     lm, tok = load_frozen_lm(args.model)
@@ -106,8 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cfg = PackConfig(seq_len=args.seq_len, cache_dir=args.cache_dir)
     data, _ = pack_dataset(cfg, tok)
-    metrics = evaluate_reconstruction(DeltaKVForTraining(lm, comp), data["validation"], args.max_sequences)
+    wrapper = DeltaKVForTraining(lm, comp)
+    metrics = evaluate_reconstruction(wrapper, data["validation"], args.max_sequences)
     print(format_table(metrics))
+    if args.ood_tokens:
+        metrics["ood"] = evaluate_ood(wrapper, tok, args.ood_tokens, args.seq_len)
+        print(format_ood(metrics["ood"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2))

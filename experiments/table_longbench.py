@@ -16,7 +16,8 @@ from pathlib import Path
 
 import fire
 
-from benchmark.eval_runner import TABLE_METHODS, compose, list_arg as _list, run_table
+from benchmark.eval_runner import compose, list_arg as _list
+from experiments.method_table import DEFAULT_METHODS, command_flags, run_methods_table, table_methods
 
 
 def run_max_model_len(cfg) -> int:
@@ -48,11 +49,14 @@ def prompt_stats(overrides: list[str]) -> tuple[float, list[int]]:
 
 
 def main(data_dir: str | None = None, fixtures: bool = False, tasks: str = "all", limit: int | None = None,
-         kv_ratio: float = 0.29, min_budget: int = 40, methods: str = ",".join(TABLE_METHODS), gen_cap: int | None = None,
+         kv_ratio: float = 0.29, min_budget: int = 40, methods: str = ",".join(DEFAULT_METHODS), deltakv_path: str | None = None,
+         method_overrides: str | None = None, gen_cap: int | None = None,
          model: str | None = None, model_config: str | None = None, results_root: str = "runs/eval_tables",
          out: str = "experiments/results/eval_longbench.md"):
     """``--model_config`` names conf/model/<name>.yaml (its official LongBench truncation length comes
-    with it, e.g. llama3_1_8b), ``--model`` the local folder (model.path)."""
+    with it, e.g. llama3_1_8b), ``--model`` the local folder (model.path); ``--deltakv_path`` the DeltaKV
+    compressor (without it deltakv is skipped, with a note); ``--method_overrides 'kivi:method.bits=2'``."""
+    run_methods, per_method, skip_notes = table_methods(methods, deltakv_path, method_overrides)
     tasks = tasks if tasks in (None, "all") else ",".join(_list(tasks))
     if fixtures:
         from benchmark.fixtures import write_longbench
@@ -74,7 +78,7 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str = "all"
     mean_len, trunc = prompt_stats(ov)
     budget = max(min_budget, int(round(kv_ratio * mean_len)))
     cmd = ("python -m experiments.table_longbench " + ("--fixtures" if fixtures else f"--data_dir {data_dir}")
-           + f" --tasks {tasks} --kv_ratio {kv_ratio} --methods {','.join(_list(methods))}" + (f" --limit {limit}" if limit else "")
+           + f" --tasks {tasks} --kv_ratio {kv_ratio}" + command_flags(methods, deltakv_path, method_overrides) + (f" --limit {limit}" if limit else "")
            + (f" --gen_cap {gen_cap}" if gen_cap else "")
            + (f" --model_config {model_config}" if model_config else "") + (f" --model {model}" if model else ""))
     notes = (f"kv_budget = max({min_budget}, {kv_ratio} x mean prompt length ({mean_len:.0f} tokens, prompts "
@@ -82,8 +86,10 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str = "all"
              "(the floor keeps SnapKV's sink + observation window inside the budget). "
              + ("Fixture data (tiny official-format samples written by benchmark/fixtures.py): a pipeline check, "
                 "not LongBench numbers." if fixtures else "Official LongBench v1 data."))
-    run_table("longbench", ov, methods=_list(methods), kv_budget=budget, results_root=results_root, out_md=out,
-              title=f"LongBench by method at ~{round(100 * kv_ratio)}% KV", command=cmd, notes=notes)
+    run_methods_table("longbench", ov, run_methods, kv_budget=budget, method_overrides=per_method,
+                      results_root=results_root, out_md=out, command=cmd, notes=notes, skip_notes=skip_notes,
+                      title=f"LongBench by method at ~{round(100 * kv_ratio)}% KV (prompts truncated to "
+                            f"{'/'.join(map(str, trunc))} tokens)")
 
 
 if __name__ == "__main__":
