@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sparse_engine import LLM, SamplingParams
-from sparse_engine.cache.kivi_quant import KiviCodec, pack_codes, unpack_codes
+from sparse_engine.cache.kivi_quant import (KiviCodec, finite_words, from_finite_words, pack_codes, to_finite_words,
+                                            unpack_codes)
 from tests.hf_reference import first_divergence_is_tie
 
 POOL = 1 << 24
@@ -101,6 +102,22 @@ def test_pack_unpack_roundtrip():
         assert p.shape[-1] == 16 * bits // 8 and torch.equal(unpack_codes(p, bits), q)
 
 
+@pytest.mark.parametrize("num_bytes", [1, 7, 100, 7680])
+def test_pool_words_round_trip_and_stay_finite(num_bytes):
+    """Blocks live in pool rows that engines read masked (0 x NaN = NaN): the stored words must be finite
+    floats in every pool dtype, and carry the bytes back exactly, at 15 payload bits per word."""
+    rows = torch.randint(0, 256, (4, num_bytes), dtype=torch.uint8, generator=torch.Generator().manual_seed(num_bytes))
+    rows[0] = 255  # all ones: NaN patterns everywhere if stored raw
+    words = to_finite_words(rows)
+    assert torch.equal(from_finite_words(words, num_bytes), rows)
+    assert words.shape[1] == 2 * finite_words(num_bytes)
+    if num_bytes >= 100:
+        assert words.shape[1] <= 2 * (-(-num_bytes * 8 // 15)) + 16
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        padded = torch.nn.functional.pad(words, (0, (-words.shape[1]) % 4)).contiguous()
+        assert bool(torch.isfinite(padded.view(dt).float()).all()), dt
+
+
 def test_bad_knobs(spec_tiny):
     from sparse_engine.cache.kivi import KiviConfig
 
@@ -185,11 +202,14 @@ def test_engine_matches_dequantized_reference(tiny, bits, sinks):
     n = next((i for i, (a, b) in enumerate(zip(out["token_ids"], ref_toks)) if a != b), steps)
     for a, b in zip(out["logits"][:n], ref_logits[:n]):
         torch.testing.assert_close(a.float(), b, rtol=1e-4, atol=1e-4)
-    # bytes: sinks + full-precision tail, whole groups as blocks of ceil(block_bytes / slot) slots
+    # bytes: sinks + full-precision tail, whole groups as blocks of ceil(stored bytes / slot) slots, stored
+    # bytes = block_bytes at 15 payload bits per 16-bit word (every pool element a finite float)
     spec, total, bps = llm.spec, len(prompt) + steps - 1, llm.pool.bytes_per_slot
     quant = max(0, total - sinks - R) // G * G
     codec = KiviCodec(spec.num_kv_heads, spec.head_dim, bits, G)
-    want = spec.num_layers * ((total - quant) * spec.num_kv_heads * bps + quant // G * -(-codec.block_bytes // bps) * bps)
+    spb = llm.method.store.slots_per_block
+    assert codec.block_bytes * 16 / 15 <= spb * bps < codec.block_bytes * 16 / 15 + 16 + bps
+    want = spec.num_layers * ((total - quant) * spec.num_kv_heads * bps + quant // G * spb * bps)
     assert out["kv_bytes"] == want
     assert want < 0.5 * total * spec.num_layers * spec.num_kv_heads * bps
     assert llm.kv_stats()["slots_used"] == 0

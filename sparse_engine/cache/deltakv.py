@@ -39,6 +39,7 @@ from ..layers.attention_ops import attention_probs, gather_kv
 from ..models.spec import ModelSpec
 from ..offload.latent_store import LATENT_DTYPES, LatentCodec, Prefetcher, TieredLatentStore
 from .base import BatchView, CacheMethod, MethodConfig, View
+from .kivi_layers import check_full_layer_kivi, full_layer_kivi
 from .omnikv import _check_count, top_count
 from .scoring import (check_prefill_select, check_score_mode, group_scores, pick_top, sequence_scores, step_budget)
 
@@ -75,6 +76,11 @@ class DeltaKVConfig(MethodConfig):
             compressed tokens at `row_bytes`). Ignored with `deltakv_offload_latent` (rows on the host).
         deltakv_host_bytes: budget of the host tier (with offload); None = unbounded.
         deltakv_disk_bytes: budget of the disk tier (with `deltakv_cold_after`); None = unbounded.
+        full_layer_kv_quant_bits: 0 (full layers at full precision) | 2 | 4 | 8: the full layers keep
+            KIVI blocks (`kivi_layers`: keys per channel, values per token, fp16 min / scale per
+            group) except their sinks and a residual window (the reference engine's option).
+        full_layer_kivi_group_size: tokens per key group / channels per value group (32).
+        full_layer_kivi_residual_length: most recent tokens the full layers keep exact (32).
 
     The reference's rules, each a named option (defaults: ours; `sparse_engine.presets.PAPER` flips
     them; reference = CURRENTF/Sparse-vLLM@0975d3f, the engine as the paper ran it):
@@ -115,6 +121,9 @@ class DeltaKVConfig(MethodConfig):
     latent_share: float | None = None
     deltakv_host_bytes: int | None = None
     deltakv_disk_bytes: int | None = None
+    full_layer_kv_quant_bits: int = 0
+    full_layer_kivi_group_size: int = 32
+    full_layer_kivi_residual_length: int = 32
     score_mode: str = "softmax_all"
     prefill_select: str = "budget"
     select_candidates: str = "window"
@@ -123,6 +132,7 @@ class DeltaKVConfig(MethodConfig):
     prefill_compress: str = "incremental"
 
     def validate(self, spec: ModelSpec) -> None:
+        check_full_layer_kivi(self, spec)
         check_score_mode("deltakv", self.score_mode)
         check_prefill_select("deltakv", self.prefill_select)
         for name, allowed in (("select_candidates", ("window", "compressed")), ("proto_grid", ("global", "per_block")),
@@ -179,6 +189,7 @@ class DeltaState:
     lat_rows: torch.Tensor | None = None
     compressed_upto: int = 0
     sel: dict = field(default_factory=dict)
+    kivi: object = None  # full_layer_kv_quant_bits: the full layers' KiviState
 
     def handles(self, i: int) -> torch.Tensor:
         return self.lat_handles[i]
@@ -300,6 +311,8 @@ class DeltaKVCache(CacheMethod):
         self.rope_scaling = float(spec.rope_attention_scaling)
         self.counters = {"compressed_tokens": 0, "reconstructed_tokens": 0}
         self._reconstructed = torch.zeros((), dtype=torch.long, device=pool.device)  # batched path: summed lazily
+        self.full_kivi = full_layer_kivi(self)  # None unless full_layer_kv_quant_bits
+        self._kivi_step = {}  # this step's KIVI plan per row group (full layers)
 
     # ------------------------------------------------------------------ batch hooks
     def batched(self, plan) -> bool:
@@ -319,6 +332,7 @@ class DeltaKVCache(CacheMethod):
         every sparse layer's reconstruction reuses (freed in `end_step`)."""
         super().begin_step(plan)
         plan.method_data = {id(g): self._plan_group(plan, g) for g in plan.groups}
+        self._kivi_step = self.full_kivi.plan_step(plan) if self.full_kivi is not None else {}
 
     def _plan_group(self, plan, group) -> _GroupPlan | None:
         cfg, dev, hkv = self.config, self.pool.device, self.spec.num_kv_heads
@@ -383,6 +397,9 @@ class DeltaKVCache(CacheMethod):
     def end_step(self, plan) -> None:
         """Every group's scratch goes back, even when one free raises (issue 17): the list is made
         first, each free is attempted, the first error is raised after all of them."""
+        if self._kivi_step:  # the full layers' dequantized scratch
+            step, self._kivi_step = self._kivi_step, {}
+            self.full_kivi.end_step(step)
         free_all(self.pool.free, [gp.scratch_real for gp in (plan.method_data or {}).values()
                                   if gp is not None and gp.scratch_real is not None])
 
@@ -429,6 +446,8 @@ class DeltaKVCache(CacheMethod):
         gp.views[layer] = (li, lvalid, rope_r, cols, lens, valid)
 
     def layer_view(self, plan, layer, group) -> BatchView:
+        if layer in self.full and id(group) in self._kivi_step:  # KIVI full layer: blocks dequantized
+            return self.full_kivi.layer_view(self._kivi_step[id(group)], layer, group.per_layer[layer][0])
         gp = plan.method_data.get(id(group)) if plan.method_data and layer not in self.full else None
         if gp is None:
             return super().layer_view(plan, layer, group)
@@ -522,15 +541,20 @@ class DeltaKVCache(CacheMethod):
         super().new_sequence(seq)
         seq.kv.state = DeltaState(torch.zeros(0, dtype=torch.long), torch.zeros(len(self.sparse), 0, dtype=torch.long),
                                   torch.zeros(len(self.sparse), 0, dtype=torch.long, device=self.pool.device))
+        seq.kv.state.kivi = self.full_kivi.new_state() if self.full_kivi is not None else None
 
     def fork(self, src, dst) -> None:
         """Sessions: the fork shares the source's latent rows by reference, like its pool slots."""
         super().fork(src, dst)
         self.store.incref(dst.kv.state.lat_handles.reshape(-1))
         dst.kv.state.sel = {}  # the source's last selection is not the child's
+        if dst.kv.state.kivi is not None:  # full-layer KIVI blocks are shared like slots
+            self.pool.incref(dst.kv.state.kivi.blocks)
 
     def release(self, seq) -> None:
         if getattr(seq, "kv", None) is not None:
+            if seq.kv.state.kivi is not None:
+                self.pool.free(seq.kv.state.kivi.blocks)
             self.store.free(seq.kv.state.lat_handles.reshape(-1))
             if self.prefetcher is not None:
                 self.prefetcher.drop(seq.seq_id)
@@ -594,16 +618,36 @@ class DeltaKVCache(CacheMethod):
         window = 2 * cfg.recent_size if cfg.exact_window == "blocks" else cfg.recent_size + cfg.decode_compress_block
         per_sparse = (num_tokens if cfg.prefill_compress == "at_end"  # the whole prompt exact until its end
                       else min(num_tokens, self.sinks + protos + window + chunk))
-        return (len(self.full) * num_tokens + len(self.sparse) * per_sparse + num_tokens) * self.spec.num_kv_heads
+        return self._full_layer_slots(num_tokens, chunk) + (len(self.sparse) * per_sparse + num_tokens) * self.spec.num_kv_heads
 
     # ------------------------------------------------------------------ scheduling
     def _num_latent(self, seq) -> int:
         return seq.kv.state.num_latent if getattr(seq, "kv", None) is not None else 0
 
+    # ------------------------------------------------------------------ full-layer KIVI (full_layer_kv_quant_bits)
+    def _full_kivi_slots(self, seq, num_new_tokens: int) -> int:
+        """A step's extra slots with KIVI full layers: their dequantized scratch + the blocks `after_step` makes."""
+        if self.full_kivi is None:
+            return 0
+        st = seq.kv.state.kivi if seq is not None and getattr(seq, "kv", None) is not None else None
+        done = seq.num_computed if seq is not None else 0
+        return self.full_kivi.scratch_slots(st) + self.full_kivi.block_slots_needed(st, done + num_new_tokens)
+
+    def _full_layer_slots(self, num_tokens: int, chunk: int) -> int:
+        """Peak slots of the full layers of one sequence: every token, or (KIVI) sinks + tail + blocks + scratch."""
+        if self.full_kivi is None:
+            return len(self.full) * num_tokens * self.spec.num_kv_heads
+        return self.full_kivi.max_slots(num_tokens, chunk)
+
+    def _full_kivi_bytes(self, seq) -> int:
+        st = seq.kv.state.kivi
+        return 0 if st is None else self.full_kivi.slots_held(st) * self.pool.bytes_per_slot
+
     def slots_needed(self, seq, num_new_tokens: int) -> int:
         """New tokens in every layer + one layer's reconstructed tokens (scratch, freed after use)."""
         scratch = self._num_latent(seq) if seq is not None and getattr(seq, "kv", None) is not None else 0
-        return (num_new_tokens * self.spec.num_layers + scratch) * self.spec.num_kv_heads
+        return (num_new_tokens * self.spec.num_layers + scratch) * self.spec.num_kv_heads + \
+            self._full_kivi_slots(seq, num_new_tokens)
 
     # ------------------------------------------------------------------ per layer
     def view(self, seq, layer, q, q_pos) -> View:
@@ -703,6 +747,8 @@ class DeltaKVCache(CacheMethod):
         else changes: on an exception the new rows are freed and the sequence is as it was), then the
         rows are recorded and every layer's slots are freed and dropped from its table (each free
         attempted even if one raises)."""
+        if self.full_kivi is not None:  # full layers: whole groups that left the KIVI residual window
+            self.full_kivi.compress(seq.kv, seq.kv.state.kivi, seq.num_computed)
         self._pending = []
         try:
             self._compress(seq, prefill_done, num_new_tokens)
@@ -781,7 +827,7 @@ class DeltaKVCache(CacheMethod):
         """Full-precision slots x bytes_per_slot + latent rows x row_bytes (every tier)."""
         if getattr(seq, "kv", None) is None:
             return 0
-        return super().kv_bytes(seq) + self.latent_rows(seq) * self.store.row_bytes
+        return super().kv_bytes(seq) + self._full_kivi_bytes(seq) + self.latent_rows(seq) * self.store.row_bytes
 
     def stats(self) -> dict:
         """Merged into `LLM.kv_stats()`: latent bytes per tier (device / host / disk) and counters."""

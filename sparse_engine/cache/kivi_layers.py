@@ -20,12 +20,13 @@ observers) and the dense causal fast path work unchanged.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from .base import BatchView
-from .kivi_quant import KiviCodec
+from .kivi_quant import KiviCodec, finite_words, from_finite_words, to_finite_words
 
 
 @dataclass
@@ -43,17 +44,21 @@ class KiviState:
 
 class KiviBlockStore:
     """Quantized blocks stored IN the KV pool: a block's `block_bytes` occupy `slots_per_block` pool
-    slots (their K and V rows viewed as bytes), so blocks share the pool's one budget, reference
-    counts (session forks), admission and preemption with full-precision tokens, and `kv_bytes`
-    counts them as the slots they hold (ceil(block_bytes / bytes_per_slot) each: exact)."""
+    slots (their K and V rows viewed as bytes, through `kivi_quant.to_finite_words` so that every pool
+    element stays a finite float: 15 payload bits per 16-bit word), so blocks share the pool's one
+    budget, reference counts (session forks), admission and preemption with full-precision tokens, and
+    `kv_bytes` counts them as the slots they hold, exactly."""
 
     def __init__(self, codec: KiviCodec, pool):
+        if sys.byteorder != "little":
+            raise RuntimeError("KIVI pool storage assumes little-endian floats")
         self.codec, self.pool = codec, pool
-        self.slots_per_block = -(-codec.block_bytes // pool.bytes_per_slot)
+        self.stored_bytes = 2 * finite_words(codec.block_bytes)
+        self.slots_per_block = -(-self.stored_bytes // pool.bytes_per_slot)
 
     @property
     def bytes_per_block(self) -> int:
-        """Pool bytes a block holds (block_bytes rounded up to whole slots)."""
+        """Pool bytes a block holds (block_bytes as finite words, rounded up to whole slots)."""
         return self.slots_per_block * self.pool.bytes_per_slot
 
     def _bytes(self):
@@ -61,7 +66,7 @@ class KiviBlockStore:
 
     def put(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Quantize blocks k, v [nb, G, H, D]; returns their slots [nb, slots_per_block] (device)."""
-        rows = self.codec.encode(k, v)
+        rows = to_finite_words(self.codec.encode(k, v))
         nb, spb = rows.shape[0], self.slots_per_block
         kb, vb = self._bytes()
         half = kb.shape[1]
@@ -75,14 +80,14 @@ class KiviBlockStore:
         """Dequantized (k, v) [n, G, H, D] float32 of blocks `slots` [..., slots_per_block]."""
         kb, vb = self._bytes()
         s = slots.reshape(-1, self.slots_per_block)
-        rows = torch.stack([kb[s], vb[s]], dim=2).reshape(s.shape[0], -1)[:, : self.codec.block_bytes]
-        return self.codec.decode(rows)
+        words = torch.stack([kb[s], vb[s]], dim=2).reshape(s.shape[0], -1)
+        return self.codec.decode(from_finite_words(words, self.codec.block_bytes))
 
 
 @dataclass
 class _GroupKivi:
     """One row group's KIVI step: scratch [G, Hkv, w] (padding -> trash), the real scratch slots,
-    blocks [G, Lq, nb_max, slots_per_block] (padding -> trash), the position-order column map `cols` [G, Hkv, T + w]
+    blocks [G, Lq, nb_max, slots_per_block] (padding -> a real block), the position-order column map `cols` [G, Hkv, T + w]
     over cat(table, scratch), lens [G, Hkv], valid [G, Hkv, T'], dense."""
 
     scratch: torch.Tensor
@@ -192,8 +197,10 @@ class KiviLayers:
                 self.pool.pos[scratch[row, :, :q]] = torch.arange(self.sinks, self.sinks + q, device=dev)[None, :]
                 o += q * H
             nb_max = w // self.G
-            blocks = torch.full((Gn, len(self.layers), nb_max, self.store.slots_per_block), self.pool.trash,
-                                dtype=torch.long, device=dev)
+            # Padding repeats a real block (of the sequence holding the most): its decode is finite and goes
+            # to the trash row, which other methods' masked padding also reads (0 x NaN would poison it).
+            full_row = max(range(Gn), key=lambda r: nq[r])
+            blocks = states[full_row].blocks[:, :1].expand(len(self.layers), nb_max, -1)[None].repeat(Gn, 1, 1, 1)
             for row, st in enumerate(states):
                 blocks[row, :, : st.num_blocks] = st.blocks
             lens_t = g.lens_host[:, l0, 0]  # full-precision tokens per sequence (same in every KIVI layer/head)
@@ -239,3 +246,37 @@ class KiviLayers:
     def slots_held(self, st: KiviState) -> int:
         """Pool slots of the sequence's blocks (its full-precision slots are in its tables)."""
         return st.blocks.numel()
+
+
+# ---------------------------------------------------------------------------------------------- DeltaKV
+FULL_LAYER_BITS = (0, 2, 4, 8)
+
+
+def check_full_layer_kivi(cfg, spec) -> None:
+    """Validate DeltaKV's full_layer_kv_quant_bits / full_layer_kivi_group_size /
+    full_layer_kivi_residual_length (clear errors naming the field and the fix)."""
+    bits = cfg.full_layer_kv_quant_bits
+    if isinstance(bits, bool) or bits not in FULL_LAYER_BITS:
+        raise ValueError(f"full_layer_kv_quant_bits must be one of {FULL_LAYER_BITS} (0 = full layers at full "
+                         f"precision), got {bits!r}")
+    if not bits:
+        return
+    g, r = cfg.full_layer_kivi_group_size, cfg.full_layer_kivi_residual_length
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or spec.head_dim % g:
+        raise ValueError(f"full_layer_kivi_group_size must be a positive divisor of head_dim={spec.head_dim}, got {g!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"full_layer_kivi_residual_length must be an int >= 0, got {r!r}")
+    if cfg.deltakv_offload_latent or cfg.deltakv_cold_after is not None:
+        raise ValueError("full_layer_kv_quant_bits runs on the batch path only: it cannot be combined with "
+                         "deltakv_offload_latent / deltakv_cold_after (set full_layer_kv_quant_bits=0)")
+    KiviCodec(spec.num_kv_heads, spec.head_dim, bits, g)  # packing rules
+
+
+def full_layer_kivi(method) -> "KiviLayers | None":
+    """The KIVI storage of a DeltaKV method's full layers (its sinks stay exact, as the reference
+    engine's `full_layer_kv_quant_bits`), or None when full_layer_kv_quant_bits is 0."""
+    cfg, spec = method.config, method.spec
+    if not cfg.full_layer_kv_quant_bits:
+        return None
+    codec = KiviCodec(spec.num_kv_heads, spec.head_dim, cfg.full_layer_kv_quant_bits, cfg.full_layer_kivi_group_size)
+    return KiviLayers(sorted(method.full), codec, method.sinks, cfg.full_layer_kivi_residual_length, method.pool, spec)

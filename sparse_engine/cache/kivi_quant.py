@@ -140,3 +140,46 @@ class KiviCodec:
         k = dequantize_groups(unpack_codes(kp, b), ks, km).permute(0, 3, 1, 2)  # [nb, G, H, D]
         v = dequantize_groups(unpack_codes(vp, b).reshape(nb, G, H, D // G, G), vs, vm).reshape(nb, G, H, D)
         return k, v
+
+
+# ---------------------------------------------------------------------------------------------- pool storage
+# Blocks are stored as bytes in the KV pool's K/V rows. Engines read pool rows they then mask (padding
+# and stale table entries; softmax weight 0), and 0 x NaN = NaN: every 16-bit word stored must be a
+# finite float whatever the pool dtype. Bit 14 of a little-endian 16-bit word is the exponent's top bit
+# in bf16 and fp16 and, in a float32's high word, too; keeping it 0 keeps every element finite. So a
+# word carries 15 payload bits: its low byte one payload byte, its high byte 7 bits (bits 0-5 and 7).
+def finite_words(num_bytes: int) -> int:
+    """16-bit words that carry `num_bytes` payload bytes: w low bytes + the other bytes as 7-bit septets
+    in the w high bytes (8 septets per 7 bytes)."""
+    w = -(-num_bytes * 8 // 15)
+    while -(-(num_bytes - w) // 7) * 8 > w:
+        w += 1
+    return w
+
+
+def to_finite_words(rows: torch.Tensor) -> torch.Tensor:
+    """rows [n, B] uint8 -> [n, 2 * finite_words(B)] uint8 (little-endian words, bit 14 of each 0)."""
+    n, b = rows.shape
+    w = finite_words(b)
+    lo, rest = rows[:, :w], rows[:, w:]
+    lo = torch.nn.functional.pad(lo, (0, w - lo.shape[1]))
+    groups = -(-rest.shape[1] // 7)
+    rest = torch.nn.functional.pad(rest, (0, groups * 7 - rest.shape[1])).view(n, groups, 7).long()
+    packed = (rest << (torch.arange(7, device=rows.device) * 8)).sum(-1)  # 56 bits per group
+    sept = (packed[..., None] >> (torch.arange(8, device=rows.device) * 7)) & 0x7F  # [n, groups, 8]
+    hi = torch.nn.functional.pad(sept.view(n, -1), (0, w - groups * 8))
+    hi = (hi & 0x3F) | ((hi & 0x40) << 1)  # payload bit 6 -> word bit 15 (sign): bit 14 stays 0
+    return torch.stack([lo, hi.to(torch.uint8)], dim=2).view(n, 2 * w)
+
+
+def from_finite_words(words: torch.Tensor, num_bytes: int) -> torch.Tensor:
+    """Inverse of `to_finite_words`: [n, >= 2 * finite_words(B)] uint8 -> rows [n, B] uint8."""
+    n, w = words.shape[0], finite_words(num_bytes)
+    pairs = words[:, : 2 * w].reshape(n, w, 2)
+    lo, hi = pairs[..., 0], pairs[..., 1].long()
+    sept = (hi & 0x3F) | ((hi >> 1) & 0x40)
+    groups = -(-(num_bytes - w) // 7) if num_bytes > w else 0
+    sept = sept[:, : groups * 8].view(n, groups, 8)
+    packed = (sept << (torch.arange(8, device=words.device) * 7)).sum(-1)
+    rest = ((packed[..., None] >> (torch.arange(7, device=words.device) * 8)) & 0xFF).to(torch.uint8).view(n, -1)
+    return torch.cat([lo, rest], dim=1)[:, :num_bytes]
