@@ -117,7 +117,8 @@ def evaluate_ood(wrapper: DeltaKVForTraining, tokenizer, tokens: int = 4096, seq
     from deltakv.ood_text import ood_sequences
 
     seqs, sources = ood_sequences(tokenizer, tokens, seq_len, texts)
-    return {**ood_fidelity(wrapper, seqs), "sources": sources}
+    batch = max(1, 512 // seqs.shape[1])  # ~512 positions per forward: short sequences batched, logits bounded
+    return {**ood_fidelity(wrapper, seqs, batch_size=batch), "sources": sources}
 
 
 def ood_fidelity_of_checkpoint(checkpoint: str | Path, model: str | None = "smollm2-135m", tokens: int = 4096,
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--max-sequences", type=int, default=16)
+    ap.add_argument("--max-sequences", type=int, default=16, help="held-out sequences (0: skip the held-out part)")
     ap.add_argument("--text", default=None, help="held-out text file (default: the shipped news split)")
     ap.add_argument("--cache-dir", default=None, help="where packed data is cached (default: user cache)")
     ap.add_argument("--ood-tokens", type=int, default=4096,
@@ -173,15 +174,17 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     lm, tok = load_frozen_lm(args.model)
     comp = load_compressor(args.checkpoint, expected_model_config=lm.config)
-    if args.text:  # every document of the file is evaluation data
-        cfg = PackConfig(name="eval", sources=[SourceConfig(type="text", path=args.text)], seq_len=args.seq_len,
-                         eval_fraction=0.5, cache_dir=args.cache_dir)
-    else:
-        cfg = PackConfig(seq_len=args.seq_len, cache_dir=args.cache_dir)
-    data, _ = pack_dataset(cfg, tok)
     wrapper = DeltaKVForTraining(lm, comp)
-    metrics = evaluate_reconstruction(wrapper, data["validation"], args.max_sequences)
-    print(format_table(metrics))
+    metrics = {}
+    if args.max_sequences:  # 0: only the out-of-domain part
+        if args.text:  # every document of the file is evaluation data
+            cfg = PackConfig(name="eval", sources=[SourceConfig(type="text", path=args.text)], seq_len=args.seq_len,
+                             eval_fraction=0.5, cache_dir=args.cache_dir)
+        else:
+            cfg = PackConfig(seq_len=args.seq_len, cache_dir=args.cache_dir)
+        data, _ = pack_dataset(cfg, tok)
+        metrics = evaluate_reconstruction(wrapper, data["validation"], args.max_sequences)
+        print(format_table(metrics))
     if args.ood_tokens:
         metrics["ood"] = evaluate_ood(wrapper, tok, args.ood_tokens, args.seq_len)
         print(format_ood(metrics["ood"]))

@@ -135,7 +135,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     from data_prepare.pack import pack_dataset
     from deltakv.checkpoint import atomic_write, save_compressor
     from deltakv.compressor import DeltaKVCompressor
-    from deltakv.evaluate import evaluate_reconstruction, format_table
+    from deltakv.evaluate import evaluate_ood, evaluate_reconstruction, format_ood, format_table
     from deltakv.hf_model import load_frozen_lm
     from deltakv.model import DeltaKVForTraining
     from deltakv.pca import fit_pca_
@@ -215,6 +215,11 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None) -> dict:
                                                   cfg.eval.batch_size)
         timings["eval_s"] = round(time.time() - t, 2)
         print(format_table(metrics["eval"]))
+    if cfg.eval.enabled and cfg.eval.ood_tokens:  # fidelity that adapting to the domain cannot win (issue 15.7)
+        t = time.time()
+        metrics["eval_ood"] = evaluate_ood(wrapper, tokenizer, cfg.eval.ood_tokens, cfg.data.seq_len)
+        timings["eval_ood_s"] = round(time.time() - t, 2)
+        print(format_ood(metrics["eval_ood"]))
     timings["total_s"] = round(time.time() - t0, 2)
     metrics["timings"] = timings
     atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2, default=str)))

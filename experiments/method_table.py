@@ -22,9 +22,10 @@ from benchmark import eval_runner as er
 
 log = logging.getLogger("deltakv.eval.table")
 
-# the default method list of experiments/table_*.py: every registered method a table can run with one
-# shared kv_budget, then DeltaKV (needs --deltakv_path) and KIVI (helper "kivi", once registered)
-DEFAULT_METHODS = (*er.TABLE_METHODS, "kivi", "deltakv")
+# the default method list of experiments/table_*.py: vanilla, DeltaKV (needs --deltakv_path) and KIVI
+# (quantization, no token budget) first, then every registered method a table runs with one shared
+# kv_budget (a table cut short on a slow machine still has the rows it is about)
+DEFAULT_METHODS = ("vanilla", "deltakv", "kivi", *(m for m in er.TABLE_METHODS if m != "vanilla"))
 
 
 def table_methods(methods, deltakv_path: str | None = None, extra=()) -> tuple[list[str], dict, list[str]]:

@@ -71,6 +71,9 @@ def test_lossy_compressor_matches_naive_kl_and_top1(tiny):
     assert m["top1_agree"] == pytest.approx(agree / count)
     assert m["ppl_true"] == pytest.approx(math.exp(nll_true / count), rel=1e-5)
     assert 0 < m["top1_agree"] < 1 and m["kl_mean"] > 0
+    batched = ood_fidelity(wrapper, seqs, batch_size=2)  # evaluate_ood batches short sequences
+    for key in ("kl_mean", "top1_agree", "ppl_true", "ppl_recon", "tokens"):
+        assert batched[key] == pytest.approx(m[key], rel=1e-4), key
 
 
 def test_ood_sequences_cut_the_token_stream(tiny):
