@@ -166,3 +166,26 @@ def test_old_configs_load_with_todays_behaviour():
 def test_bad_knob_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"reference.{field}"):
         ReferenceSpec(**{field: value})
+
+
+def test_engine_serves_the_reference_knobs(tiny_model_factory):
+    """The engine takes int4_asym latents (row bytes = payload + bf16 scale/min per group + fathers),
+    K-only father choice and the floor stride from the checkpoint; a lossless compressor with float32
+    latents stays exactly vanilla under K-only fathers and stride int(1/0.3) = 3."""
+    from deltakv.testing import tiny_compressor
+    from sparse_engine import LLM, SamplingParams
+
+    tiny = str(tiny_model_factory("llama"))
+    ref = ReferenceSpec(num_sinks=4, cluster_ratio=0.3, top_k=2, stride_rounding="floor", cluster_on="k")
+    common = dict(dtype="float32", chunk_prefill_size=32, kv_cache_bytes=1 << 24, recent_size=8, num_top_tokens=4096)
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompt = [list(range(3, 90))]
+    vanilla = LLM(tiny, **{k: v for k, v in common.items() if k not in ("recent_size", "num_top_tokens")})
+    want = vanilla.generate(prompt, sp, use_tqdm=False)[0]["token_ids"]
+    exact = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(reference=ref), latent_dtype="float32", **common)
+    assert exact.generate(prompt, sp, use_tqdm=False)[0]["token_ids"] == want
+    llm = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(latent=32, reference=ref), latent_dtype="int4_asym",
+              **common)
+    llm.generate(prompt, sp, use_tqdm=False)
+    st = llm.kv_stats()
+    assert st["latent_row_bytes"] == 32 // 2 + 2 * 2 + 2 * 2 and st["compressed_tokens"] > 0
