@@ -716,10 +716,6 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
     from benchmark.eval_shards import parse_merge, shard_dir
 
     t_start = time.time()
-    if cfg.get("torch_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.torch_threads))
     bcfg = cfg.benchmark
     harness = harness_module(bcfg)
     merge_n = parse_merge(cfg.get("merge_shards"))
@@ -764,6 +760,10 @@ def _run_locked(cfg, backend, stop_after, harness, method, knobs, fp, out_dir: P
     if shard:
         (out_dir / DONE).unlink(missing_ok=True)  # done again only when this run ends
 
+    if cfg.get("torch_threads"):  # after the lock: a refused run must not pay torch's import
+        import torch
+
+        torch.set_num_threads(int(cfg.torch_threads))
     own_backend = backend is None
     if own_backend:
         backend = make_backend(str(cfg.backend), model_ref(cfg), method=method, knobs=knobs,

@@ -99,3 +99,34 @@ def test_run_under_old_folder_name_is_resumed(tmp_path, hf):
     assert old.name == "hf-vanilla-aware" and resolve_output_dir(cfg) == old
     s = run_eval(cfg, backend=hf)
     assert s["label"] == "hf-vanilla-aware" and s["n_generated_now"] == 1 and not new.exists()
+
+
+def test_shard_from_accelerate_or_torchrun_env():
+    from benchmark.eval_shards import shard_from_env
+
+    assert shard_from_env({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
+    assert shard_from_env({"LOCAL_RANK": "0", "WORLD_SIZE": "4"}) == (0, 4)
+    assert shard_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None and shard_from_env({}) is None
+
+
+@pytest.mark.slow
+def test_two_shard_processes_merge_into_the_unsharded_run(tmp_path, hf):
+    """`deltakv-eval ... +shard=0/2` and `+shard=1/2` as two concurrent processes: the one that
+    finishes last merges; the result equals the unsharded run's."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "benchmark.eval_runner", *QUIET, f"results_root={tmp_path / 'b'}", "torch_threads=1"]
+    procs = [subprocess.Popen([*cli, f"+shard={i}/2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, cwd=tmp_path) for i in (0, 1)]
+    errs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert sum("merged 2 shards" in e for e in errs) >= 1
+    run_eval(compose([*QUIET, f"results_root={tmp_path / 'a'}"]), backend=hf)
+    a = resolve_output_dir(compose([*QUIET, f"results_root={tmp_path / 'a'}"]))
+    b = resolve_output_dir(compose([*QUIET, f"results_root={tmp_path / 'b'}"]))
+    assert _lines(b / "predictions.jsonl") == _lines(a / "predictions.jsonl")
+    assert _summary(b / "summary.json") | {"n_generated_now": 3} == _summary(a / "summary.json")
