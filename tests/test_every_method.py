@@ -28,7 +28,9 @@ import torch
 from sparse_engine import LLM, SamplingParams
 from sparse_engine.cache.registry import METHODS
 
-ALL = sorted(METHODS)  # read at collection time: new methods join every check
+# Named options that change what a method keeps or reads get every check too: name -> (method, knobs).
+VARIANTS = {"deltakv:reuse": ("deltakv", dict(reuse_reconstructed=True, reconstructed_cache_factor=1.5))}
+ALL = sorted(METHODS) + sorted(VARIANTS)  # read at collection time: new methods join every check
 
 COMMON = dict(dtype="float32", device="cpu", chunk_prefill_size=64, kv_cache_bytes=1 << 22)  # 32768 slots
 LENGTHS = (20, 75, 140, 300, 97)
@@ -59,11 +61,12 @@ KNOBS = {
 
 
 def knobs(method: str) -> dict:
-    return {k: (v() if callable(v) else v) for k, v in KNOBS.get(method, {}).items()}
+    base, extra = VARIANTS.get(method, (method, {}))
+    return {**{k: (v() if callable(v) else v) for k, v in KNOBS.get(base, {}).items()}, **extra}
 
 
 def make_llm(path, method: str, **over) -> LLM:
-    return LLM(path, method=method, **{**COMMON, **knobs(method), **over})
+    return LLM(path, method=VARIANTS.get(method, (method,))[0], **{**COMMON, **knobs(method), **over})
 
 
 def budget_for(probe: LLM, slots: int, extra_rows: float = 1.0) -> dict:

@@ -30,6 +30,7 @@ bytes_per_slot + latent rows x row_bytes (latent + scale + father ordinals), exa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +39,10 @@ import torch
 from ..layers.attention_ops import attention_probs, gather_kv
 from ..models.spec import ModelSpec
 from ..offload.latent_store import LATENT_DTYPES, LatentCodec, Prefetcher, TieredLatentStore
+from . import deltakv_recon_cache as recon_cache
 from .base import BatchView, CacheMethod, MethodConfig, View
 from .kivi_layers import check_full_layer_kivi, full_layer_kivi
+from .deltakv_recon_cache import GroupCache, ReconState
 from .omnikv import _check_count, top_count
 from .scoring import (check_prefill_select, check_score_mode, group_scores, pick_top, sequence_scores, step_budget)
 
@@ -104,6 +107,13 @@ class DeltaKVConfig(MethodConfig):
         prefill_compress: incremental (the reference and the default: after every prefill chunk) |
             at_end (an ablation: the prompt stays exact, within the slot budget, until its last chunk,
             then is compressed at once).
+        reuse_reconstructed: keep decoded tokens' reconstructed K/V in pool slots across decode steps
+            and rebuild only newly selected ones (`deltakv_recon_cache`). Exact (a reconstruction
+            never changes) and faster on CPU, at the price of `num_top_tokens` full-precision slots
+            per sparse layer and sequence, counted in `kv_bytes` and the budget. Off = the
+            reference's behaviour (rebuild the selection every step).
+        reconstructed_cache_factor: that cache's size in selections (>= 1): tokens at the margin of
+            the top-k leave the selection and come back, and a larger cache keeps them (LRU).
     """
 
     deltakv_path: object = None
@@ -130,9 +140,16 @@ class DeltaKVConfig(MethodConfig):
     proto_grid: str = "global"
     exact_window: str = "fixed"
     prefill_compress: str = "incremental"
+    reuse_reconstructed: bool = False
+    reconstructed_cache_factor: float = 1.5
 
     def validate(self, spec: ModelSpec) -> None:
         check_full_layer_kivi(self, spec)
+        if not isinstance(self.reuse_reconstructed, bool):
+            raise ValueError(f"reuse_reconstructed must be true or false, got {self.reuse_reconstructed!r}")
+        f = self.reconstructed_cache_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0:
+            raise ValueError(f"reconstructed_cache_factor must be a number >= 1 (cache size in selections), got {f!r}")
         check_score_mode("deltakv", self.score_mode)
         check_prefill_select("deltakv", self.prefill_select)
         for name, allowed in (("select_candidates", ("window", "compressed")), ("proto_grid", ("global", "per_block")),
@@ -190,6 +207,7 @@ class DeltaState:
     compressed_upto: int = 0
     sel: dict = field(default_factory=dict)
     kivi: object = None  # full_layer_kv_quant_bits: the full layers' KiviState
+    recon: ReconState | None = None  # reuse_reconstructed: the decode cache of reconstructed tokens
 
     def handles(self, i: int) -> torch.Tensor:
         return self.lat_handles[i]
@@ -224,6 +242,7 @@ class _GroupPlan:
     scratch: torch.Tensor | None
     scratch_real: torch.Tensor | None  # the allocated scratch slots (freed at the end of the step)
     views: dict = field(default_factory=dict)  # observer -> (li, lvalid, rope_r, cols, lens, valid)
+    cache: GroupCache | None = None  # reuse_reconstructed (decode groups): the rows' stacked caches
 
 
 def free_all(free, chunks: list) -> None:
@@ -297,6 +316,10 @@ class DeltaKVCache(CacheMethod):
         self.sparse = [l for l in range(spec.num_layers) if l not in self.full]
         self.source = {l: max(f for f in full if f < l) for l in self.sparse}
         self.observers = set(self.source.values())
+        self.observer_list = sorted(self.observers)
+        # reuse_reconstructed: each observer's sparse layers (indices into the cache's Ls axis)
+        self.observer_layers = {o: torch.tensor([i for i, l in enumerate(self.sparse) if self.source[l] == o],
+                                                device=pool.device) for o in self.observer_list}
         self.next_sparse = {a: b for a, b in zip(self.sparse, self.sparse[1:])}
         self.sparse_index = {l: i for i, l in enumerate(self.sparse)}
         self.sinks, self.stride = ref.num_sinks, ref.stride
@@ -313,6 +336,9 @@ class DeltaKVCache(CacheMethod):
         self._reconstructed = torch.zeros((), dtype=torch.long, device=pool.device)  # batched path: summed lazily
         self.full_kivi = full_layer_kivi(self)  # None unless full_layer_kv_quant_bits
         self._kivi_step = {}  # this step's KIVI plan per row group (full layers)
+        self._cache_hits = torch.zeros((), dtype=torch.long, device=pool.device)  # reuse_reconstructed
+        self._recon_slots = 0  # reuse_reconstructed: pool slots held by the caches of live sequences
+        self._step = 0  # reuse_reconstructed: step counter for the caches' LRU stamps
 
     # ------------------------------------------------------------------ batch hooks
     def batched(self, plan) -> bool:
@@ -331,6 +357,7 @@ class DeltaKVCache(CacheMethod):
         column map, the latent tokens to choose from, and ONE block of scratch slots [G, Hkv, w] that
         every sparse layer's reconstruction reuses (freed in `end_step`)."""
         super().begin_step(plan)
+        self._step += 1
         plan.method_data = {id(g): self._plan_group(plan, g) for g in plan.groups}
         self._kivi_step = self.full_kivi.plan_step(plan) if self.full_kivi is not None else {}
 
@@ -362,7 +389,9 @@ class DeltaKVCache(CacheMethod):
         colmap = torch.full((G, p_max + 1), -1, dtype=torch.long, device=dev)
         colmap.scatter_(1, kpos_s, col.expand(G, t_s).contiguous())
         nl, w = max(nls), max(ws)
-        lat_pos = lat_rows = scratch = scratch_real = None
+        lat_pos = lat_rows = scratch = scratch_real = cache = None
+        use_cache = cfg.reuse_reconstructed and group.decode and all(
+            plan.starts[b] >= plan.seqs[b].num_prompt_tokens for b in group.bidx)
         if w:
             lat_pos = torch.full((G, nl), -1, dtype=torch.long)
             for row, st in enumerate(states):
@@ -370,6 +399,24 @@ class DeltaKVCache(CacheMethod):
             lat_pos = lat_pos.to(dev)
             lat_rows = torch.stack([torch.nn.functional.pad(st.lat_rows, (0, nl - st.lat_rows.shape[1]))
                                     for st in states])  # [G, Ls, nl]
+        if w and use_cache:
+            rows, temp = [], []
+            for row, st in enumerate(states):
+                cap = self._cache_width(ks[row], nls[row])
+                if cap:
+                    if st.recon is None:
+                        st.recon = recon_cache.empty_state(len(self.sparse), hkv, len(self.observer_list), dev)
+                    before = st.recon.num_slots
+                    st.recon = recon_cache.ensure_capacity(st.recon, cap, self.pool)
+                    self._recon_slots += st.recon.num_slots - before
+                    rows.append(st.recon)
+                else:  # reads all its compressed tokens: a one-step cache, one block shared by every layer
+                    one = self.pool.allocate(hkv * ws[row])
+                    temp.append(one)
+                    rows.append(recon_cache.one_step_state(one, len(self.sparse), hkv, len(self.observer_list)))
+            cache = recon_cache.stack(rows, self.pool.trash, persistent=[r is st.recon for r, st in zip(rows, states)])
+            scratch_real = torch.cat(temp) if temp else None
+        elif w:
             # Each sequence gets slots for its own tokens only (what `slots_needed` reserved); the
             # padding of the [G, Hkv, w] block points at the pool's trash row (written, never read).
             real = self.pool.allocate(sum(ws) * hkv)
@@ -382,7 +429,7 @@ class DeltaKVCache(CacheMethod):
         hist_hi_d, k_d = torch.tensor([hist_hi, ks], dtype=torch.long).to(dev)
         return _GroupPlan(selects, hist_hi_d, k_d, max(ks), t_s, lens_s, kpos_s, colmap,
                           self._tables(kpos_s.clamp(max=p_max - 1).reshape(-1)), lat_pos, lat_rows, nl, w, scratch,
-                          scratch_real)
+                          scratch_real, cache=cache)
 
     def _rule(self, seq, start: int):
         """(top-k budget or None, history end) of a sequence's step whose first query is at `start`
@@ -427,7 +474,7 @@ class DeltaKVCache(CacheMethod):
             on, picked = None, None
             keep = torch.ones(G, t_s, dtype=torch.bool, device=dev)
         keep &= torch.arange(t_s, device=dev)[None, :] < gp.lens_s[:, None]
-        li = lvalid = rope_r = None
+        li = lvalid = rope_r = mcol = None
         if gp.w:
             lvalid = gp.lat_pos >= 0  # [G, nl]
             if picked is not None:
@@ -436,14 +483,50 @@ class DeltaKVCache(CacheMethod):
             li = torch.sort((~lvalid).to(torch.int8), dim=1, stable=True).indices[:, : gp.w]
             lvalid = lvalid.gather(1, li)
             rpos = gp.lat_pos.gather(1, li).clamp(min=0)  # [G, w]
-            self.pool.pos.index_copy_(0, gp.scratch.reshape(-1), rpos[:, None, :].expand(G, hkv, gp.w).reshape(-1))
-            rope_r = self._tables(rpos.reshape(-1))
-            keep = torch.cat([keep, lvalid], dim=1)
+            if gp.cache is not None:
+                li, lvalid, rope_r, mcol, used = self._assign_cached(plan, group, gp, layer, li, lvalid, rpos)
+                keep = torch.cat([keep, used], dim=1)
+            else:
+                self.pool.pos.index_copy_(0, gp.scratch.reshape(-1),
+                                          rpos[:, None, :].expand(G, hkv, gp.w).reshape(-1))
+                rope_r = self._tables(rpos.reshape(-1))
+                keep = torch.cat([keep, lvalid], dim=1)
         cols = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, in order
         n_keep = keep.sum(1)
         lens = n_keep[:, None].expand(G, hkv).contiguous()
         valid = torch.arange(cols.shape[1], device=dev)[None, None, :] < lens[:, :, None]
-        gp.views[layer] = (li, lvalid, rope_r, cols, lens, valid)
+        gp.views[layer] = (li, lvalid, rope_r, cols, lens, valid, mcol)
+
+    def _cache_width(self, k: int, num_latent: int) -> int:
+        """Columns of a sequence's reconstruction cache when it selects `k` tokens (0: not selecting)
+        out of `num_latent` compressed ones: `factor` selections, at most every compressed token; 0
+        (no cache) when the selection reads every compressed token anyway: a cache would then be a
+        decompressed copy of the sequence."""
+        if not 0 < k < num_latent:
+            return 0
+        return min(math.ceil(k * self.config.reconstructed_cache_factor), num_latent)
+
+    def _assign_cached(self, plan, group, gp: _GroupPlan, layer: int, li, lvalid, rpos):
+        """reuse_reconstructed: this observer's selection onto the rows' cache columns. Returns the
+        misses (li, valid, RoPE tables), their columns, and the columns read this step [G, C]; the
+        misses' positions go to the pool (every layer of this observer) and to the rows' states."""
+        cache, o = gp.cache, self.observer_list.index(layer)
+        cpos, stamp = cache.pos[:, o].clone(), cache.stamp[:, o].clone()
+        a = recon_cache.assign(cpos, stamp, self._step, cache.caps, li, lvalid, rpos, gp.colmap.shape[1])
+        cache.pos[:, o], cache.stamp[:, o] = cpos, stamp
+        for row, b in enumerate(group.bidx):
+            st = plan.seqs[b].kv.state.recon
+            if cache.persistent[row]:
+                st.pos[o], st.stamp[o] = cpos[row, : st.capacity], stamp[row, : st.capacity]
+        G, m = a.col.shape
+        if m:
+            layers = self.observer_layers[layer]
+            slots = cache.slots[:, layers].gather(3, a.col[:, None, None, :].expand(G, len(layers), cache.slots.shape[2], m))
+            pos = a.pos[:, None, None, :].expand_as(slots)
+            real = a.valid[:, None, None, :].expand_as(slots)
+            self.pool.pos.index_copy_(0, slots[real], pos[real])
+        self._cache_hits += a.num_hits
+        return a.li, a.valid, self._tables(a.pos.reshape(-1)), a.col, a.used
 
     def layer_view(self, plan, layer, group) -> BatchView:
         if layer in self.full and id(group) in self._kivi_step:  # KIVI full layer: blocks dequantized
@@ -451,21 +534,34 @@ class DeltaKVCache(CacheMethod):
         gp = plan.method_data.get(id(group)) if plan.method_data and layer not in self.full else None
         if gp is None:
             return super().layer_view(plan, layer, group)
-        li, lvalid, rope_r, cols, lens, valid = gp.views[self.source[layer]]
+        li, lvalid, rope_r, cols, lens, valid = gp.views[self.source[layer]][:6]
         G, hkv = lens.shape
         tab = group.table[:, layer, :, : gp.t_s]  # [G, Hkv, t_s]
-        if gp.w:
+        if gp.w and gp.cache is not None:
+            # reuse_reconstructed: rebuild this step's misses (li / lvalid: the misses here) into
+            # their cache columns, then read the whole cache (`cols` keeps the selected columns)
+            slots = gp.cache.slots[:, self.sparse_index[layer]]  # [G, Hkv, C]
+            mcol = gp.views[self.source[layer]][6]
+            if mcol.shape[1]:
+                dest = slots.gather(2, mcol[:, None, :].expand(G, hkv, mcol.shape[1]))
+                dest = torch.where(lvalid[:, None, :], dest, self.pool.trash)
+                self._reconstruct_group(gp, layer, li, rope_r, tab, dest)
+                self._reconstructed += lvalid.sum()
+            tab = torch.cat([tab, slots], dim=2)
+        elif gp.w:
             self._reconstruct_group(gp, layer, li, rope_r, tab)
             self._reconstructed += lvalid.sum()  # device counter: no sync
             tab = torch.cat([tab, gp.scratch], dim=2)
         return BatchView(tab.gather(2, cols[:, None, :].expand(G, hkv, cols.shape[1])), lens, valid=valid)
 
-    def _reconstruct_group(self, gp: _GroupPlan, layer: int, li: torch.Tensor, rope_r, tab: torch.Tensor) -> None:
+    def _reconstruct_group(self, gp: _GroupPlan, layer: int, li: torch.Tensor, rope_r, tab: torch.Tensor,
+                           dest: torch.Tensor | None = None) -> None:
         """The group's selected latent tokens of `layer` -> K/V in the scratch slots, in one call:
         rows -> latent + father ordinals -> up-projection -> father mean over the prototypes (read
         from this layer's table, RoPE undone) -> RoPE at the tokens' positions -> pool rows."""
         gather_inv, reconstruct, _ = self._kernels
-        G, hkv, w, t_s = gp.scratch.shape[0], self.spec.num_kv_heads, gp.w, gp.t_s
+        dest = gp.scratch if dest is None else dest  # [G, Hkv, w] target slots
+        G, hkv, w, t_s = dest.shape[0], self.spec.num_kv_heads, dest.shape[2], gp.t_s
         rows = gp.lat_rows[:, self.sparse_index[layer]].gather(1, li)  # [G, w] arena rows
         latent, ords = self.store.codec.decode(self.store.mem.data[rows.reshape(-1)])
         pair = self.compressor[layer]
@@ -480,7 +576,7 @@ class DeltaKVCache(CacheMethod):
         else:
             fathers = torch.full((G * w, 1), -1, dtype=torch.long, device=delta.device)
             proto_kv = delta.new_zeros(1, delta.shape[1])
-        scratch = gp.scratch.permute(1, 0, 2).reshape(hkv, G * w)
+        scratch = dest.permute(1, 0, 2).reshape(hkv, G * w)
         reconstruct(delta, fathers, proto_kv, *rope_r, self.pool.k, self.pool.v, scratch, self.rope_scaling)
 
     # ------------------------------------------------------------------ helpers
@@ -550,11 +646,17 @@ class DeltaKVCache(CacheMethod):
         dst.kv.state.sel = {}  # the source's last selection is not the child's
         if dst.kv.state.kivi is not None:  # full-layer KIVI blocks are shared like slots
             self.pool.incref(dst.kv.state.kivi.blocks)
+        dst.kv.state.recon = None  # its own cache (the source's slots are the source's)
 
     def release(self, seq) -> None:
         if getattr(seq, "kv", None) is not None:
             if seq.kv.state.kivi is not None:
                 self.pool.free(seq.kv.state.kivi.blocks)
+            st = seq.kv.state
+            if st.recon is not None:
+                self._recon_slots -= st.recon.num_slots
+                recon, st.recon = st.recon, None
+                recon_cache.release(recon, self.pool)
             self.store.free(seq.kv.state.lat_handles.reshape(-1))
             if self.prefetcher is not None:
                 self.prefetcher.drop(seq.seq_id)
@@ -618,7 +720,10 @@ class DeltaKVCache(CacheMethod):
         window = 2 * cfg.recent_size if cfg.exact_window == "blocks" else cfg.recent_size + cfg.decode_compress_block
         per_sparse = (num_tokens if cfg.prefill_compress == "at_end"  # the whole prompt exact until its end
                       else min(num_tokens, self.sinks + protos + window + chunk))
-        return self._full_layer_slots(num_tokens, chunk) + (len(self.sparse) * per_sparse + num_tokens) * self.spec.num_kv_heads
+        cache = 0
+        if self.config.reuse_reconstructed:  # the decode cache: the selection in every sparse layer
+            cache = len(self.sparse) * self._cache_width(top_count(self.config.num_top_tokens, num_tokens), num_tokens)
+        return self._full_layer_slots(num_tokens, chunk) + (len(self.sparse) * per_sparse + num_tokens + cache) * self.spec.num_kv_heads
 
     # ------------------------------------------------------------------ scheduling
     def _num_latent(self, seq) -> int:
@@ -644,8 +749,17 @@ class DeltaKVCache(CacheMethod):
         return 0 if st is None else self.full_kivi.slots_held(st) * self.pool.bytes_per_slot
 
     def slots_needed(self, seq, num_new_tokens: int) -> int:
-        """New tokens in every layer + one layer's reconstructed tokens (scratch, freed after use)."""
+        """New tokens in every layer + one layer's reconstructed tokens (scratch, freed after use);
+        with `reuse_reconstructed`, a decode step instead grows the sequence's cache to its selection
+        width in every sparse layer (kept until the sequence is released)."""
         scratch = self._num_latent(seq) if seq is not None and getattr(seq, "kv", None) is not None else 0
+        if scratch and self.config.reuse_reconstructed and seq.num_computed >= seq.num_prompt_tokens:
+            n_hist = max(0, seq.num_computed - self.config.recent_size - self.sinks)
+            k = top_count(self.config.num_top_tokens, n_hist) if n_hist else 0
+            width = self._cache_width(k if k < n_hist else 0, scratch)
+            if width:
+                recon = seq.kv.state.recon
+                scratch = max(0, width - (recon.capacity if recon is not None else 0)) * len(self.sparse)
         return (num_new_tokens * self.spec.num_layers + scratch) * self.spec.num_kv_heads + \
             self._full_kivi_slots(seq, num_new_tokens)
 
@@ -827,7 +941,9 @@ class DeltaKVCache(CacheMethod):
         """Full-precision slots x bytes_per_slot + latent rows x row_bytes (every tier)."""
         if getattr(seq, "kv", None) is None:
             return 0
-        return super().kv_bytes(seq) + self._full_kivi_bytes(seq) + self.latent_rows(seq) * self.store.row_bytes
+        recon = seq.kv.state.recon
+        cached = recon.num_slots * self.pool.bytes_per_slot if recon is not None else 0
+        return super().kv_bytes(seq) + self._full_kivi_bytes(seq) + self.latent_rows(seq) * self.store.row_bytes + cached
 
     def stats(self) -> dict:
         """Merged into `LLM.kv_stats()`: latent bytes per tier (device / host / disk) and counters."""
@@ -849,4 +965,6 @@ class DeltaKVCache(CacheMethod):
             "latent_rows_demoted": self.store.num_demoted,
             **self.counters,
             "reconstructed_tokens": self.counters["reconstructed_tokens"] + int(self._reconstructed),
+            "reconstruct_cache_hits": int(self._cache_hits),
+            "reconstruct_cache_slots": self._recon_slots,
         }
