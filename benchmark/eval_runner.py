@@ -740,7 +740,7 @@ def run_eval(cfg, backend: Backend | None = None, stop_after: int | None = None)
 def _run_locked(cfg, backend, stop_after, harness, method, knobs, fp, out_dir: Path, shard, t_start) -> dict | None:
     """Generate the run's (or shard's) missing requests into ``out_dir`` (locked by the caller);
     score an unsharded run, mark a shard done. Returns the summary / the shard's done record."""
-    from benchmark.eval_shards import DONE, select, write_done
+    from benchmark.eval_shards import DONE, pin_local_gpu, select, shard_from_env, write_done
 
     bcfg = cfg.benchmark
     query_mode = str(cfg.get("query_mode", "aware"))
@@ -766,6 +766,8 @@ def _run_locked(cfg, backend, stop_after, harness, method, knobs, fp, out_dir: P
         torch.set_num_threads(int(cfg.torch_threads))
     own_backend = backend is None
     if own_backend:
+        if shard and shard_from_env() == shard:  # launched by accelerate / torchrun: one GPU per rank
+            pin_local_gpu()
         backend = make_backend(str(cfg.backend), model_ref(cfg), method=method, knobs=knobs,
                                engine_kwargs=_plain(cfg.get("engine")) or {}, hf_kwargs=_plain(cfg.get("hf")) or {})
     try:

@@ -2,15 +2,16 @@
 the shards merge into the run an unsharded command would have written.
 
 * ``shard=i/n`` (or ``+shard=i/n``; under ``accelerate launch`` / ``torchrun`` the shard is taken
-  from ``RANK`` / ``WORLD_SIZE`` when ``shard`` is not given) runs the requests whose index in the
-  benchmark's request list is ``i`` modulo ``n``. The list is built deterministically (seeded), so
-  the n shards cover it exactly once. Shard ``i`` writes into ``<run>/shards/<i>-of-<n>/`` with its
+  from ``RANK`` / ``WORLD_SIZE`` when ``shard`` is not given, and each rank's model goes to GPU
+  ``LOCAL_RANK``) runs the requests whose index in the benchmark's request list is ``i`` modulo
+  ``n``. The list is built deterministically (seeded), so the n shards cover it exactly once. Shard ``i`` writes into ``<run>/shards/<i>-of-<n>/`` with its
   own lock, its own ``predictions.jsonl`` (resumable like any run) and, when finished, ``done.json``
   (its request indices and uids, the backend's description and KV stats).
 * The merge takes the run folder's lock, checks that every shard is there and complete (else it
   refuses, naming the missing shards and the command that runs them), orders the records by request
   index and scores them exactly like an unsharded run: ``predictions.jsonl``, ``summary.*`` and
-  ``comparison.md`` are those of the unsharded run (timings aside). It runs automatically when the
+  ``comparison.md`` are those of the unsharded run (timings aside; with the engine, also only as far
+  as its generations do not depend on which requests share a batch). It runs automatically when the
   last shard finishes, or by hand: ``deltakv-eval <same overrides> merge_shards=n``.
 """
 
@@ -57,6 +58,25 @@ def shard_from_env(env=None) -> tuple[int, int] | None:
     except ValueError:
         return None
     return (rank, world) if world > 1 and 0 <= rank < world else None
+
+
+def pin_local_gpu(env=None) -> int | None:
+    """Under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1): put this process on GPU
+    LOCAL_RANK (``torch.cuda.set_device``), so that ``device=cuda`` / ``auto`` of each shard's model
+    lands on its own GPU. Returns the index, or None (no launcher, no CUDA, fewer GPUs than ranks)."""
+    env = os.environ if env is None else env
+    try:
+        local, world = int(env["LOCAL_RANK"]), int(env.get("WORLD_SIZE", "1"))
+    except (KeyError, ValueError):
+        return None
+    if world < 2:
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or local >= torch.cuda.device_count():
+        return None
+    torch.cuda.set_device(local)
+    return local
 
 
 def parse_merge(value) -> int | None:
