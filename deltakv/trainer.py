@@ -169,10 +169,16 @@ class DeltaKVTrainer(Trainer):
         target.load_state_dict(loaded.state_dict())
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self.is_deepspeed_enabled:  # engine checkpoint without the frozen base model
-            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
-            return
-        super()._save_optimizer_and_scheduler(output_dir)
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
+        # engine checkpoint (ZeRO optimizer shards of every rank) without the frozen base model
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        # HF's own scheduler (the DeepSpeed configs here define none) is not in the engine checkpoint,
+        # and HF reloads it from scheduler.pt on resume, as its DeepSpeed save does
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def train(self, *args, **kwargs):
         if not self.is_deepspeed_enabled and self.args.deepspeed is None:

@@ -4,6 +4,7 @@ compressor; gradient accumulation gives that curve too."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,16 @@ def test_gradient_accumulation_follows_the_same_global_batch(setup, tmp_path):
     assert_same_compressor(tmp_path / "b2" / "compressor", tmp_path / "ga2" / "compressor")
 
 
+def torchrun(nproc: int, *args: str) -> None:
+    """``torchrun --standalone --nproc_per_node N -m deltakv.train ARGS`` (the README's CPU command)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "deltakv.train", *args]
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def test_two_processes_follow_the_one_process_curve_and_rank0_saves_once(setup, tmp_path):
     root, model = setup
     one = run_in_process(*overrides(root, model, f"output_dir={tmp_path / 'one'}",
@@ -87,12 +98,8 @@ def test_two_processes_follow_the_one_process_curve_and_rank0_saves_once(setup, 
     # each rank asks for its own output dir: rank 1 must follow rank 0's (Hydra's default run dir is
     # stamped with each process's start time, which can differ between ranks)
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "deltakv.train", *overrides(root, model, "trainer.per_device_train_batch_size=1",
-                                             f"output_dir={two}/rank${{oc.env:RANK}}", f"hydra.run.dir={two}/hydra")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(2, *overrides(root, model, "trainer.per_device_train_batch_size=1",
+                           f"output_dir={two}/rank${{oc.env:RANK}}", f"hydra.run.dir={two}/hydra"))
     out = two / "rank0"
     assert not (two / "rank1").exists()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -106,3 +113,36 @@ def test_two_processes_follow_the_one_process_curve_and_rank0_saves_once(setup, 
     # one config line per run (rank 0 only)
     log = (two / "hydra" / "train.log").read_text()
     assert log.count("deltakv-train config ") == 1, log[-2000:]
+
+
+@pytest.mark.slow  # ~30 s on 2 cores; the first DeepSpeed run on a machine also JIT-builds its CPU shm op (~3 min)
+def test_deepspeed_zero2_two_processes_follow_the_one_process_curve_and_resume(setup, tmp_path):
+    pytest.importorskip("deepspeed")
+    root, model = setup
+    one = run_in_process(*overrides(root, model, f"output_dir={tmp_path / 'one'}",
+                                    "trainer.per_device_train_batch_size=2"))
+    out = tmp_path / "zero2"
+    args = overrides(root, model, "trainer.per_device_train_batch_size=1", "deepspeed=zero2", "eval.enabled=false",
+                     f"output_dir={out}", f"hydra.run.dir={out}")
+    torchrun(2, *args)
+    straight = json.loads((out / "metrics.json").read_text())
+    assert_same_curve(one, straight)
+    assert_same_compressor(tmp_path / "one" / "compressor", out / "compressor")
+    # the engine checkpoint holds the compressor's optimizer shards, never the frozen base model
+    shards = sorted(p.name for p in (out / "checkpoint-2" / "global_step2").iterdir())
+    assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    model_states = torch.load(out / "checkpoint-2" / "global_step2" / "mp_rank_00_model_states.pt",
+                              map_location="cpu", weights_only=False)["module"]
+    assert model_states and all(k.startswith("compressor.") for k in model_states)
+    # lose the end of the run: resume=auto continues from checkpoint-2 (ZeRO shards, both ranks' RNG)
+    # and ends where the uninterrupted run ended
+    final = load_compressor(out / "compressor").state_dict()
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "compressor")
+    torchrun(2, *args)
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["train"]["resumed_from"].endswith("checkpoint-2") and resumed["train"]["global_step"] == 4
+    assert_same_curve(straight, resumed)  # steps 1-2 restored from trainer_state, 3-4 trained again
+    for k, v in load_compressor(out / "compressor").state_dict().items():
+        torch.testing.assert_close(v, final[k], rtol=1e-5, atol=1e-6, msg=k)
