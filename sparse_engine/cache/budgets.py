@@ -75,8 +75,11 @@ def format_budgets(budgets: list[int], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def print_budgets(budgets: list[int], title: str = "") -> None:
-    print(format_budgets(budgets, title))
+def log_budgets(budgets: list[int], title: str = "", level: int = 20) -> None:  # 20 = logging.INFO
+    """Log the table (logger ``sparse_engine.cache.budgets``, INFO by default)."""
+    import logging
+
+    logging.getLogger(__name__).log(level, "%s", format_budgets(budgets, title))
 
 
 if __name__ == "__main__":  # python -m sparse_engine.cache.budgets pyramid 512 30 [window+sink]
@@ -85,6 +88,6 @@ if __name__ == "__main__":  # python -m sparse_engine.cache.budgets pyramid 512 
     kind, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     extra = int(sys.argv[4]) if len(sys.argv) > 4 else 36
     if kind == "pyramid":
-        print_budgets(pyramid_budgets(b, n, extra), f"pyramid avg={b} layers={n}")
+        print(format_budgets(pyramid_budgets(b, n, extra), f"pyramid avg={b} layers={n}"))  # the CLI's output
     else:
-        print_budgets(exp_decay_budgets(b, n, float(kind), extra), f"exp decay={kind} budget0={b}")
+        print(format_budgets(exp_decay_budgets(b, n, float(kind), extra), f"exp decay={kind} budget0={b}"))
