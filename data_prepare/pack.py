@@ -61,7 +61,8 @@ def pack_dataset(cfg: PackConfig, tokenizer, force: bool = False):
     """Return ``(DatasetDict, folder)``; packs on first use, loads the cached copy afterwards."""
     from datasets import Dataset, DatasetDict, load_from_disk
 
-    docs = [doc for src in cfg.sources for doc in read_documents(src)]
+    docs = [doc for src in cfg.sources
+            for doc in tqdm(read_documents(src), desc=f"read {src.path or src.type}", unit="doc", leave=False)]
     if not docs:
         raise ValueError(f"data sources {[s.path or s.type for s in cfg.sources]} yielded no documents")
     h = hashlib.sha256()
