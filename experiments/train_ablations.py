@@ -35,10 +35,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run(name: str, extra: list[str], out_root: Path) -> dict:
+def run(name: str, extra: list[str], out_root: Path, common: list[str] = ()) -> dict:
     out = out_root / name
     shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
-    cmd = ["deltakv-train", "+experiment=smoke", *extra, f"hydra.run.dir={shown}", "trainer.disable_tqdm=true"]
+    cmd = ["deltakv-train", "+experiment=smoke", *extra, *common, f"hydra.run.dir={shown}", "trainer.disable_tqdm=true"]
     print("$", " ".join(cmd), flush=True)
     t = time.time()
     proc = subprocess.run([sys.executable, "-m", "deltakv.train", *cmd[1:]], cwd=ROOT, text=True,
@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "experiments" / "results" / "train_ablations"))
     ap.add_argument("--merge", default="", help="comma-separated result .json files (from parallel invocations) to "
                     "fold into --results before writing the table")
+    ap.add_argument("--extra", default="", help="overrides added to every run's command, space-separated (e.g. "
+                    "'trainer.max_steps=12 eval.max_sequences=4' on a loaded machine); recorded in each command")
     ap.add_argument("--ood", default="", help="name=checkpoint,... : also measure the out-of-domain KL / top-1 of "
                     "these saved compressors (paths relative to the repo)")
     args = ap.parse_args()
@@ -110,7 +112,7 @@ def main() -> None:
     ood = {**results.get("_ood", {}), **measure_ood(args.ood)}
     results = {n: results[n] for n in RUNS if n in results}
     for name in names:
-        results[name] = run(name, RUNS[name][1], Path(args.out_root))
+        results[name] = run(name, RUNS[name][1], Path(args.out_root), args.extra.split())
         results = {n: results[n] for n in RUNS if n in results}
         results_json.write_text(json.dumps(results, indent=2, default=str))
         print(table({name: results[name]}).splitlines()[-1], flush=True)
@@ -120,7 +122,10 @@ def main() -> None:
           "layers 0, 1, 2, 8, 18 full, 25 compressed; 16 sinks + every 32nd token exact; 512-token sequences; "
           "held-out perplexity over the validation split (articles never trained on). The same table for the "
           "earlier config (layers 0-2 full, every 10th token exact) is `train_ablations_stride10.md`. "
-          "Produced by `python experiments/train_ablations.py`; commands:", ""]
+          "`reference_recipe` (issue 15.2) is the reference's training recipe (`conf/experiment/qwen7b_c512.yaml`'s "
+          "loss and compressor rules) on this same geometry, data, step count and learning rate, so the two recipes "
+          "sit side by side; rows measured at different times on a shared machine: compare wall times with the load "
+          "column. Produced by `python experiments/train_ablations.py`; commands:", ""]
     md += [f"- `{name}`: `{m['command']}`" for name, m in results.items()]
     md += ["", table(results), ""]
     if ood:
