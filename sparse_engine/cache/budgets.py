@@ -39,23 +39,50 @@ def pyramid_budgets(avg_budget: int, num_layers: int, min_budget: int, beta: flo
     return out
 
 
+def ratio_budget(prompt_len: int, compression_ratio: float) -> int:
+    """kvpress's budget for a compression ratio r: each KV head keeps int(T * (1 - r)) of a T-token
+    prompt, window (and sinks) included (`ScorerPress`: n_kept = int(k_len * (1 - compression_ratio)))."""
+    return int(prompt_len * (1 - compression_ratio))
+
+
+def kvpress_pyramid_budgets(prompt_len: int, compression_ratio: float, window_size: int, beta: float,
+                            num_layers: int) -> list[int]:
+    """kvpress `PyramidKVPress.get_layer_budget` (after PyramidKV's pyramidkv_utils): per layer, a
+    line from max_num (bottom) to min_num (top) whose mean is T * (1 - r), clipped so the bottom keeps
+    at most T - window; UNIFORM round(T * (1 - r)) when not T >= max_num >= min_num >= window (the
+    smallest layer would fall below the window)."""
+    T, L = prompt_len, num_layers
+    cap = window_size + T * (1 - compression_ratio)
+    min_num = (cap - window_size) / beta
+    max_num = (cap - window_size) * 2 - min_num
+    if max_num >= T - window_size:
+        max_num = T - window_size
+        min_num = (cap - window_size) * 2 - max_num
+    if not (T >= max_num >= min_num >= window_size) or L == 1:
+        return [round(T * (1 - compression_ratio))] * L
+    steps = (max_num - min_num) / (L - 1)
+    return [round(max_num - l * steps) for l in range(L)]
+
+
 def exp_decay_budgets(budget0: int, num_layers: int, decay: float, min_budget: int) -> list[int]:
     """`budget_l = max(min_budget, floor(budget0 * decay**l))` (streaming / snapkv layer decay)."""
     return [max(int(min_budget), int(math.floor(budget0 * decay**l))) for l in range(num_layers)]
 
 
-def adakv_select(scores: torch.Tensor, per_head_budget: int, floor_alpha: float) -> list[torch.Tensor]:
+def adakv_select(scores: torch.Tensor, per_head_budget: int, floor_alpha: float,
+                 n_safe: int | None = None) -> list[torch.Tensor]:
     """AdaKV: split a layer's `H * per_head_budget` tokens across heads by score.
 
     scores [H, T] (comparable across heads: each row comes from a softmax). Each head first secures
     its own top `floor(alpha * per_head_budget)` tokens (AdaKV's safeguard against starving a head),
     then the remaining picks are the globally highest scores of the flattened [H*T] matrix.
+    `n_safe` overrides that floor (kvpress counts it over the whole budget, window included).
     Returns, per head, the sorted indices it keeps (lengths differ per head; they sum to H*budget).
     """
     h, t = scores.shape
     k = min(per_head_budget, t)
     s = scores.clone().float()
-    n_safe = int(floor_alpha * k)
+    n_safe = int(floor_alpha * k) if n_safe is None else min(max(0, int(n_safe)), k)
     if n_safe > 0:
         s.scatter_(1, s.topk(n_safe, dim=1).indices, float("inf"))
     flat = s.reshape(-1).topk(h * k).indices

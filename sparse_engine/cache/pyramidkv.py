@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..models.spec import ModelSpec
-from .budgets import format_budgets, pyramid_budgets
+from .budgets import format_budgets, kvpress_pyramid_budgets, pyramid_budgets, uniform_budgets
 from .snapkv import SnapKVCache, SnapKVConfig
 
 
@@ -23,9 +23,14 @@ class PyramidKVConfig(SnapKVConfig):
     Attributes:
         beta: the top layer keeps budget / beta tokens (never fewer than sink + window); the bottom
             layer keeps 2 * budget minus that (PyramidKV's default beta = 20).
+        pyramid_fallback: "clamp" (ours: the top layers are raised to sink + window, the total kept)
+            | "uniform" (PyramidKV's code and kvpress: when budget / beta, the smallest layer's share,
+            is below window_size, every layer gets `budget`). With compression_ratio, kvpress's rule
+            always applies (`budgets.kvpress_pyramid_budgets`).
     """
 
     beta: float = 20.0
+    pyramid_fallback: str = "clamp"
 
     def validate(self, spec: ModelSpec) -> None:
         super().validate(spec)
@@ -34,9 +39,17 @@ class PyramidKVConfig(SnapKVConfig):
                              "belong to snapkv / streaming")
         if self.beta < 1:
             raise ValueError(f"beta must be >= 1 (top layer keeps budget / beta), got {self.beta}")
+        if self.pyramid_fallback not in ("clamp", "uniform"):
+            raise ValueError(f"pyramid_fallback must be 'clamp' (ours) or 'uniform' (PyramidKV / kvpress), "
+                             f"got {self.pyramid_fallback!r}")
 
     def layer_budgets(self, num_layers: int) -> list[int]:
+        if self.pyramid_fallback == "uniform" and self.budget / self.beta < self.window_size:
+            return uniform_budgets(self.budget, num_layers)
         return pyramid_budgets(self.budget, num_layers, self.sink_size + self.window_size, self.beta)
+
+    def prompt_budgets(self, prompt_len: int, num_layers: int) -> list[int]:
+        return kvpress_pyramid_budgets(prompt_len, self.compression_ratio, self.window_size, self.beta, num_layers)
 
 
 class PyramidKVCache(SnapKVCache):

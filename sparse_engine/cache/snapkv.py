@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..layers.attention_ops import attention_probs, gather_kv
 from ..models.spec import ModelSpec
 from .base import CacheMethod, MethodConfig
-from .budgets import adakv_select, exp_decay_budgets, uniform_budgets
+from .budgets import adakv_select, exp_decay_budgets, ratio_budget, uniform_budgets
 
 
 @dataclass
@@ -45,6 +45,13 @@ class SnapKVConfig(MethodConfig):
         adakv_floor: AdaKV safeguard: each head keeps at least this fraction of its even share.
         budget_decay: None (uniform) or d in (0, 1]: layer l keeps max(min_budget, budget * d**l).
         min_budget: floor of the decayed budgets (default sink_size + window_size).
+        compression_ratio: kvpress's convention instead of `budget`: r in [0, 1): each KV head keeps
+            int(T * (1 - r)) of a T-token prompt, sink and window included (never fewer than sink +
+            window: they are always kept); pyramidkv: kvpress's pyramid over that mean. None = `budget`.
+        adakv_floor_with_window: kvpress's AdaKV floor: each head's safeguard is adakv_floor x its WHOLE
+            budget, the (always kept) sink and window counted in it - so it secures
+            max(0, floor x budget - sink - window) scored tokens; False (ours): adakv_floor x the
+            scored part of the budget.
     """
 
     budget: int = 512
@@ -57,8 +64,20 @@ class SnapKVConfig(MethodConfig):
     adakv_floor: float = 0.2
     budget_decay: float | None = None
     min_budget: int | None = None
+    compression_ratio: float | None = None
+    adakv_floor_with_window: bool = False
 
     def validate(self, spec: ModelSpec) -> None:
+        if self.compression_ratio is not None:
+            r = self.compression_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+                raise ValueError(f"compression_ratio must be in [0, 1) (the fraction of prompt tokens evicted, "
+                                 f"kvpress's convention), got {r!r}; or None to use budget")
+            if self.budget_decay is not None or self.min_budget is not None:
+                raise ValueError("compression_ratio gives one budget per prompt (kvpress); budget_decay / min_budget "
+                                 "decay a fixed budget: use one or the other")
+        if not isinstance(self.adakv_floor_with_window, bool):
+            raise ValueError(f"adakv_floor_with_window must be true or false, got {self.adakv_floor_with_window!r}")
         if not isinstance(self.budget, int) or self.budget <= 0:
             raise ValueError(f"budget must be a positive int (tokens per KV head and layer), got {self.budget!r}")
         if self.window_size <= 0:
@@ -82,6 +101,10 @@ class SnapKVConfig(MethodConfig):
         if self.min_budget is not None and not floor <= self.min_budget <= self.budget:
             raise ValueError(f"min_budget must lie in [sink_size + window_size, budget] = [{floor}, {self.budget}], "
                              f"got {self.min_budget}")
+
+    def prompt_budgets(self, prompt_len: int, num_layers: int) -> list[int]:
+        """Per-layer budgets of a `prompt_len`-token prompt under `compression_ratio` (kvpress)."""
+        return uniform_budgets(ratio_budget(prompt_len, self.compression_ratio), num_layers)
 
     def layer_budgets(self, num_layers: int) -> list[int]:
         if self.budget_decay is None:
@@ -170,11 +193,20 @@ class SnapKVCache(CacheMethod):
                 self.compress_layer(seq, layer, *qbuf[layer])
 
     # ------------------------------------------------------------------ eviction
-    def select(self, scores: torch.Tensor, n_mid: int) -> list[torch.Tensor]:
+    def budgets_for(self, seq) -> list[int]:
+        """Per-layer budgets of this sequence: fixed, or from its prompt length (compression_ratio)."""
+        if self.config.compression_ratio is None:
+            return self.budgets
+        return self.config.prompt_budgets(seq.num_prompt_tokens, self.spec.num_layers)
+
+    def select(self, scores: torch.Tensor, n_mid: int, budget: int | None = None) -> list[torch.Tensor]:
         """Pick `n_mid` candidates per KV head from scores [Hkv, C]; returns sorted indices per head."""
         cfg, hkv = self.config, scores.shape[0]
         if cfg.adaptive:
-            return adakv_select(scores, n_mid, cfg.adakv_floor)
+            n_safe = None
+            if cfg.adakv_floor_with_window and budget is not None:  # kvpress: the floor spans the whole budget
+                n_safe = int(budget * cfg.adakv_floor) - (budget - n_mid)
+            return adakv_select(scores, n_mid, cfg.adakv_floor, n_safe)
         if not cfg.head_wise:
             idx = scores.mean(dim=0).topk(n_mid).indices.sort().values
             return [idx] * hkv
@@ -183,8 +215,8 @@ class SnapKVCache(CacheMethod):
 
     def compress_layer(self, seq, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> None:
         cfg, table = self.config, seq.kv.tables[layer]
-        budget = self.budgets[layer]
         slots, valid = table.padded()
+        budget = max(self.budgets_for(seq)[layer], min(slots.shape[1], cfg.sink_size + cfg.window_size))
         t = slots.shape[1]
         if t <= budget:
             return  # the prompt fits: keep everything (identical to vanilla)
@@ -197,7 +229,7 @@ class SnapKVCache(CacheMethod):
         w, s = len(q_pos), cfg.sink_size
         c = int((kpos[0] < q_pos.min().to(kpos.device)).sum())
         scores = snap_scores(probs.cpu(), table.num_kv_heads, cfg.pool_kernel_size, cfg.pooling, c)
-        picks = self.select(scores[:, s:], budget - s - w)
+        picks = self.select(scores[:, s:], budget - s - w, budget)
         sink, window = torch.arange(s), torch.arange(c, t)
         keep = [torch.cat([sink, p + s, window]) for p in picks]
         dropped = []
@@ -214,7 +246,10 @@ class SnapKVCache(CacheMethod):
     # ------------------------------------------------------------------ accounting
     def expected_kv_tokens(self, prompt_len: int) -> int:
         """Slots (token x KV head x layer) a sequence holds right after prefill: the budget formula."""
-        return sum(min(prompt_len, b) for b in self.budgets) * self.spec.num_kv_heads
+        budgets = (self.budgets if self.config.compression_ratio is None
+                   else self.config.prompt_budgets(prompt_len, self.spec.num_layers))
+        floor = self.config.sink_size + self.config.window_size
+        return sum(min(prompt_len, max(b, floor)) for b in budgets) * self.spec.num_kv_heads
 
 
 class AdaKVCache(SnapKVCache):

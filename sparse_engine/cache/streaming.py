@@ -44,14 +44,31 @@ class StreamingConfig(MethodConfig):
         sink_size: first tokens always kept.
         budget_decay: None (uniform) or d in (0, 1]: budget_l = max(min_budget, floor(budget * d**l)).
         min_budget: floor of decayed budgets (default sink_size + 1: a ring of at least one token).
+        mode: "rolling" (ours: windowed prefill, a ring of recent tokens during decode) | "once"
+            (kvpress's StreamingLLMPress: full-attention prefill, ONE eviction after the prompt to sink +
+            most recent tokens, then decode grows; `streaming_once.py`).
+        compression_ratio: mode "once" only, kvpress's convention instead of `budget`: r in [0, 1),
+            each KV head keeps int(T * (1 - r)) of a T-token prompt, sinks included.
     """
 
     budget: int = 512
     sink_size: int = 4
     budget_decay: float | None = None
     min_budget: int | None = None
+    mode: str = "rolling"
+    compression_ratio: float | None = None
 
     def validate(self, spec: ModelSpec) -> None:
+        if self.mode not in ("rolling", "once"):
+            raise ValueError(f"streaming mode must be 'rolling' (ours, default) or 'once' (kvpress: full prefill, "
+                             f"one eviction after the prompt, decode grows), got {self.mode!r}")
+        if self.compression_ratio is not None:
+            r = self.compression_ratio
+            if self.mode != "once":
+                raise ValueError("compression_ratio (kvpress) sizes the one eviction after the prompt: it needs "
+                                 "mode='once' (the rolling ring has a fixed budget)")
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+                raise ValueError(f"compression_ratio must be in [0, 1), got {r!r}")
         if not isinstance(self.budget, int) or self.budget <= 0:
             raise ValueError(f"budget must be a positive int (tokens per KV head and layer), got {self.budget!r}")
         if self.sink_size < 0:
@@ -123,6 +140,16 @@ class _StepWindow:
 class StreamingCache(CacheMethod):
     name = "streaming"
     Config = StreamingConfig
+
+    def __new__(cls, config=None, *args, **kwargs):
+        """mode='once' serves kvpress's convention (streaming_once.StreamingOnceCache, same knobs)."""
+        if cls is StreamingCache and getattr(config, "mode", "rolling") == "once":
+            from .streaming_once import StreamingOnceCache
+
+            obj = StreamingOnceCache.__new__(StreamingOnceCache)
+            obj.__init__(config, *args, **kwargs)  # not a StreamingCache: Python does not call __init__ again
+            return obj
+        return super().__new__(cls)
 
     def __init__(self, config, spec, pool, sliding_window=None):
         super().__init__(config, spec, pool, sliding_window)
