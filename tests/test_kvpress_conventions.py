@@ -114,3 +114,26 @@ def test_bad_convention_knobs(tiny):
                                ("streaming", dict(compression_ratio=0.5), "mode='once'")):
         with pytest.raises(ValueError, match=msg):
             LLM(tiny, method=method, **knobs, **COMMON)
+
+
+def test_streaming_once_engine_checks(tiny):
+    """mode='once' through the checks of tests/test_every_method.py: batch invariance, no leak, a tight
+    pool that preempts gives the same tokens, slots_needed bounds every step, sessions free everything."""
+    from tests.test_every_method import (COMMON as EVERY, LENGTHS, MAX_TOKENS, StepLedger, _session_inputs,
+                                         assert_no_leak, budget_for, params, prompts, tokens)
+
+    knobs = dict(mode="once", budget=48, sink_size=4)
+    llm = LLM(tiny, method="streaming", **knobs, **EVERY)
+    ledger = StepLedger(llm)
+    ref = tokens(llm.generate(prompts(), params(), use_tqdm=False))
+    assert [llm.generate([p], [s], use_tqdm=False)[0]["token_ids"] for p, s in zip(prompts(), params())] == ref
+    need = max(llm.method.max_slots(n + m) for n, m in zip(LENGTHS, MAX_TOKENS))
+    tight = LLM(tiny, method="streaming", **knobs, **{**EVERY, **budget_for(llm, need)})
+    assert tokens(tight.generate(prompts(), params(), use_tqdm=False)) == ref
+    assert tight.kv_stats()["num_preemptions"] > 0
+    assert_no_leak(tight, "streaming once, tight pool")
+    ctx, turns, sps = _session_inputs()
+    for acc in (True, False):
+        llm.generate_session(ctx, turns, sps, accumulate=acc)
+    assert_no_leak(llm, "streaming once, sessions")
+    assert not ledger.violations()
