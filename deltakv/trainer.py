@@ -38,6 +38,12 @@ def use_bf16(flag) -> bool:
 def training_arguments(cfg: TrainConfig) -> TrainingArguments:
     """Map the validated config onto ``TrainingArguments`` (DeepSpeed dict passed through as is)."""
     t = cfg.trainer
+    stage = ((cfg.deepspeed or {}).get("zero_optimization") or {}).get("stage")
+    if stage == 3:
+        raise ValueError("deepspeed zero_optimization.stage=3 is not supported by deltakv-train: after training, "
+                         "rank 0 alone saves the compressor and evaluates the frozen model, which ZeRO-3 partitions "
+                         "over the ranks. Use deepspeed=zero2 (the compressor's optimizer state and gradients "
+                         "partitioned; the frozen model, 15 GB in bf16 for a 7B, replicated) or zero1.")
     report_to = "none" if cfg.logger.report_to == "none" else [cfg.logger.report_to]
     modules = {"wandb": ["wandb"], "tensorboard": ["tensorboard", "tensorboardX"]}.get(cfg.logger.report_to, [])
     if modules and not any(importlib.util.find_spec(m) for m in modules):
@@ -60,7 +66,9 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        bf16=use_bf16(t.bf16),
+        # under DeepSpeed: no bf16 mode, which would cast the compressor to bf16 (its input is the fp32
+        # K/V: a dtype error) - the frozen model runs in model.dtype (bf16 on GPU), the compressor in fp32
+        bf16=use_bf16(t.bf16) and not cfg.deepspeed,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,

@@ -146,3 +146,23 @@ def test_deepspeed_zero2_two_processes_follow_the_one_process_curve_and_resume(s
     assert_same_curve(straight, resumed)  # steps 1-2 restored from trainer_state, 3-4 trained again
     for k, v in load_compressor(out / "compressor").state_dict().items():
         torch.testing.assert_close(v, final[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def config_of(*ovr: str) -> TrainConfig:
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return TrainConfig.from_omegaconf(compose("train", overrides=[*ovr, "output_dir=/tmp/unused"]))
+
+
+def test_deepspeed_keeps_the_compressor_in_fp32_and_zero3_is_refused(setup):
+    pytest.importorskip("deepspeed")
+    from deltakv.trainer import training_arguments
+
+    root, model = setup
+    # DeepSpeed's bf16 mode would cast the compressor to bf16 while its input K/V is fp32 (a dtype error
+    # on the first step, seen on an H200): under DeepSpeed trainer.bf16 leaves bf16 mode off
+    args = training_arguments(config_of(*overrides(root, model, "deepspeed=zero2", "trainer.bf16=true")))
+    assert args.bf16 is False and args.deepspeed["bf16"]["enabled"] is False
+    cfg = config_of(*overrides(root, model, "deepspeed=zero2"))
+    cfg.deepspeed["zero_optimization"]["stage"] = 3
+    with pytest.raises(ValueError, match="stage=3 is not supported by deltakv-train.*deepspeed=zero2"):
+        training_arguments(cfg)
