@@ -43,7 +43,7 @@ def overrides(root: Path, model: Path, *extra: str) -> list[str]:
         "compressor.kv_compressed_size=8", "compressor.down_hidden=16", "compressor.pca_batches=2",
         "compressor.reference.num_sinks=2", "compressor.reference.cluster_ratio=0.25",
         "trainer.max_steps=4", "trainer.save_steps=2", "trainer.logging_steps=1", "trainer.disable_tqdm=true",
-        "trainer.learning_rate=5e-2", "trainer.warmup_ratio=0", "eval.max_sequences=2", *extra,
+        "trainer.learning_rate=5e-2", "trainer.warmup_ratio=0", "eval.enabled=false", *extra,
     ]
 
 
@@ -70,15 +70,22 @@ def assert_same_compressor(a: Path, b: Path) -> None:
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_gradient_accumulation_follows_the_same_global_batch(setup, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(setup, tmp_path_factory):
+    """The reference: 1 process, per-device batch 2 (the global batch of every test here)."""
+    root, model = setup
+    out = tmp_path_factory.mktemp("one")
+    return run_in_process(*overrides(root, model, f"output_dir={out}", "trainer.per_device_train_batch_size=2")), out
+
+
+def test_gradient_accumulation_follows_the_same_global_batch(setup, one_process, tmp_path):
     """batch 2 x 1 step == batch 1 x 2 accumulated steps (was: loss and gradients summed, x2)."""
     root, model = setup
-    batch = run_in_process(*overrides(root, model, f"output_dir={tmp_path / 'b2'}",
-                                      "trainer.per_device_train_batch_size=2"))
+    batch, batch_out = one_process
     accum = run_in_process(*overrides(root, model, f"output_dir={tmp_path / 'ga2'}",
                                       "trainer.per_device_train_batch_size=1", "trainer.gradient_accumulation_steps=2"))
     assert_same_curve(batch, accum)
-    assert_same_compressor(tmp_path / "b2" / "compressor", tmp_path / "ga2" / "compressor")
+    assert_same_compressor(batch_out / "compressor", tmp_path / "ga2" / "compressor")
 
 
 def torchrun(nproc: int, *args: str) -> None:
@@ -91,10 +98,9 @@ def torchrun(nproc: int, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def test_two_processes_follow_the_one_process_curve_and_rank0_saves_once(setup, tmp_path):
+def test_two_processes_follow_the_one_process_curve_and_rank0_saves_once(setup, one_process, tmp_path):
     root, model = setup
-    one = run_in_process(*overrides(root, model, f"output_dir={tmp_path / 'one'}",
-                                    "trainer.per_device_train_batch_size=2"))
+    one, one_out = one_process
     # each rank asks for its own output dir: rank 1 must follow rank 0's (Hydra's default run dir is
     # stamped with each process's start time, which can differ between ranks)
     two = tmp_path / "two"
@@ -107,7 +113,7 @@ def test_two_processes_follow_the_one_process_curve_and_rank0_saves_once(setup, 
     assert abs(curve(metrics)[-1][3] - curve(metrics)[0][3]) > 1e-3  # the MSE curve moved: a real training
     # exactly one compressor, rank 0's, equal to the 1-process one; the checkpoints hold both ranks' RNG state
     assert sorted(two.rglob("compressor/compressor.safetensors")) == [out / "compressor" / "compressor.safetensors"]
-    assert_same_compressor(tmp_path / "one" / "compressor", out / "compressor")
+    assert_same_compressor(one_out / "compressor", out / "compressor")
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert {p.name for p in (out / "checkpoint-4").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
     # one config line per run (rank 0 only)
@@ -116,18 +122,17 @@ def test_two_processes_follow_the_one_process_curve_and_rank0_saves_once(setup, 
 
 
 @pytest.mark.slow  # ~30 s on 2 cores; the first DeepSpeed run on a machine also JIT-builds its CPU shm op (~3 min)
-def test_deepspeed_zero2_two_processes_follow_the_one_process_curve_and_resume(setup, tmp_path):
+def test_deepspeed_zero2_two_processes_follow_the_one_process_curve_and_resume(setup, one_process, tmp_path):
     pytest.importorskip("deepspeed")
     root, model = setup
-    one = run_in_process(*overrides(root, model, f"output_dir={tmp_path / 'one'}",
-                                    "trainer.per_device_train_batch_size=2"))
+    one, one_out = one_process
     out = tmp_path / "zero2"
-    args = overrides(root, model, "trainer.per_device_train_batch_size=1", "deepspeed=zero2", "eval.enabled=false",
+    args = overrides(root, model, "trainer.per_device_train_batch_size=1", "deepspeed=zero2",
                      f"output_dir={out}", f"hydra.run.dir={out}")
     torchrun(2, *args)
     straight = json.loads((out / "metrics.json").read_text())
     assert_same_curve(one, straight)
-    assert_same_compressor(tmp_path / "one" / "compressor", out / "compressor")
+    assert_same_compressor(one_out / "compressor", out / "compressor")
     # the engine checkpoint holds the compressor's optimizer shards, never the frozen base model
     shards = sorted(p.name for p in (out / "checkpoint-2" / "global_step2").iterdir())
     assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
