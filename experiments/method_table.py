@@ -66,10 +66,11 @@ def run_methods_table(benchmark: str, overrides: list[str], methods, kv_budget: 
                       out_md: str | Path | None = None, title: str = "", command: str = "", notes: str = "",
                       skip_notes=(), backend: str = "engine") -> str:
     """``run_table`` with extra overrides per method (``method_overrides[m]``). Methods the engine's
-    registry lacks are listed as skipped. Returns the markdown (also written to ``out_md``)."""
+    registry lacks are listed as skipped, a method whose run raises is listed with its error (the
+    other rows are still written). Returns the markdown (also written to ``out_md``)."""
     method_overrides = method_overrides or {}
     known = set(er.available_methods())
-    ran, skipped = [], []
+    ran, skipped, failed = [], [], []
     for m in er.list_arg(methods):
         if backend == "engine" and known and m not in known:
             skipped.append(m)
@@ -80,7 +81,12 @@ def run_methods_table(benchmark: str, overrides: list[str], methods, kv_budget: 
         if kv_budget is not None and has_budget_knob(m):
             ov.append(f"kv_budget={kv_budget}")
         t0 = time.time()
-        s = er.run_eval(er.compose(ov))
+        try:
+            s = er.run_eval(er.compose(ov))
+        except Exception as exc:  # noqa: BLE001 - one method's failure is a line of the table, not a lost table
+            log.exception("%s/%s failed", benchmark, m)
+            failed.append(f"{m} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            continue
         log.info("%s/%s: average %s (%.0fs)", benchmark, m, s["result"].get("average"), time.time() - t0)
         ran.append(s)
     unbudgeted = [m for m in er.list_arg(methods) if m in known and m != "vanilla" and not has_budget_knob(m)]
@@ -89,7 +95,7 @@ def run_methods_table(benchmark: str, overrides: list[str], methods, kv_budget: 
                       "its KV bytes come from its own knobs, see the KV bytes table)."]
     text = table_markdown(ran, benchmark, kv_budget, results_root, out_md, title, command, notes,
                           [f"{', '.join(skipped)} skipped: not in the engine's method registry "
-                           "(sparse_engine/cache/registry.py) yet."] if skipped else [], skip_notes, backend)
+                           "(sparse_engine/cache/registry.py) yet."] if skipped else [], [*skip_notes, *failed], backend)
     if out_md:
         Path(out_md).parent.mkdir(parents=True, exist_ok=True)
         Path(out_md).write_text(text)
