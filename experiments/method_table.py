@@ -114,15 +114,17 @@ def table_markdown(rows: list[dict], benchmark: str, kv_budget, results_root: st
         (tmp / f"{i:02d}" / "summary.json").write_text(json.dumps(s, default=str))
     table = er.comparison_table(tmp, None)
     kv = "\n".join(f"| {s['label']} | {s['method']} | {s['result'].get('kv', {}).get('kv_bytes_mean', '-')} | "
-                   f"{s['kv_stats'].get('bytes_per_token', '-')} | {s['n_records']} | {s['wall_s']:.0f} |" for s in rows)
+                   f"{s['kv_stats'].get('bytes_per_token', '-')} | {s['n_records']} | {s.get('n_generated_now', '-')} | "
+                   f"{s['wall_s']:.0f} |" for s in rows)
     md = [f"# {title or benchmark}", ""]
     if command:
         md += ["Regenerate with:", "", "```bash", command, "```", ""]
     md += [f"Model: {rows[0]['model'] if rows else '-'}; backend: {backend}; kv_budget: {kv_budget}; "
            f"generated {time.strftime('%Y-%m-%d %H:%M')} (git {er._git_commit()}).", ""]
     md += [table, ""]
-    md += ["| run | method | mean KV bytes per request (at its end) | full-KV bytes per token | records | wall s |",
-           "| --- | --- | ---: | ---: | ---: | ---: |", kv, ""]
+    # a resumed run's wall time is that of its last invocation, which only generated what was missing
+    md += ["| run | method | mean KV bytes per request (at its end) | full-KV bytes per token | records | "
+           "generated in the last invocation | its wall s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |", kv, ""]
     for line in [*skipped, *skip_notes]:
         md += [line, ""]
     if notes:
