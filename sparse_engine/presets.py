@@ -9,9 +9,12 @@ References (read with `fetch`; the rules are cited in the config docstrings):
           model_runner.py, config.py, triton_kernel/context_flashattention_nopad.py)
   latest: CURRENTF/Sparse-vLLM@18d3104 (src/sparsevllm/engine/sparse_controller.py)
 
-Not here (the compressor side, helper "paper-compressor"): stride rounding, L2 weighting, int4 latent
-format, up-projection, K-only clustering - they are properties of the trained checkpoint
-(`deltakv.reference.ReferenceSpec` / `CompressorConfig`), not of serving.
+Not here: the compressor-side rules are properties of the trained checkpoint, which the engine
+reads and cannot override at serving time. They are set when training (the reference's values in
+conf/experiment/qwen7b_c512.yaml / llama8b_c512.yaml): `ReferenceSpec.stride_rounding="floor"`,
+`ReferenceSpec.l2_softmax_score="distance"`, `ReferenceSpec.cluster_on="k"`, `CompressorConfig.up="mlp_gelu"`.
+The latent format is the one serving knob among them: `latent_dtype="int4_asym"` (the reference's
+asymmetric grouped int4) where a run wants it; it is a memory choice, so the presets leave it alone.
 """
 
 from __future__ import annotations
