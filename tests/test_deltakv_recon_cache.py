@@ -14,6 +14,7 @@ import torch
 from deltakv.testing import tiny_compressor
 from sparse_engine import LLM, SamplingParams
 from sparse_engine.cache import deltakv_recon_cache as rc
+from sparse_engine.presets import preset
 
 
 def naive_lru(cache: list[list], sel: list[int], now: int) -> tuple[dict, set]:
@@ -83,10 +84,11 @@ def _run(tiny, **over):
     return llm, llm.generate(_prompts(), SP, use_tqdm=False)
 
 
-@pytest.mark.parametrize("factor", [1.0, 2.0])
-def test_reuse_gives_the_same_tokens_with_fewer_reconstructions(tiny, factor):
-    base, ref = _run(tiny)
-    llm, outs = _run(tiny, reuse_reconstructed=True, reconstructed_cache_factor=factor)
+@pytest.mark.parametrize("factor,preset_name", [(1.0, None), (2.0, None), (1.5, "paper"), (1.5, "latest")])
+def test_reuse_gives_the_same_tokens_with_fewer_reconstructions(tiny, factor, preset_name):
+    knobs = preset(preset_name, "deltakv") if preset_name else {}
+    base, ref = _run(tiny, **knobs)
+    llm, outs = _run(tiny, reuse_reconstructed=True, reconstructed_cache_factor=factor, **knobs)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
     st, st0 = llm.kv_stats(), base.kv_stats()
     assert st["reconstruct_cache_hits"] > 0
