@@ -45,7 +45,7 @@ def main(data_dir: str | None = None, fixtures: bool = False, tasks: str | None 
            + command_flags(methods, deltakv_path, method_overrides)
            + (f" --tasks {tasks}" if tasks else "") + (f" --gen_cap {gen_cap}" if gen_cap else "")
            + (f" --limit {limit}" if limit else "") + (f" --max_turns {max_turns}" if max_turns else "")
-           + (f" --model {model}" if model else ""))
+           + (f" --model {model}" if model else "") + (f" --out {out}" if out else ""))
     notes = ("Scores averaged over turns (per-turn scores in each run's summary.json). Sessions go through "
              "backend.generate_session: with an engine that lacks session KV reuse the shared context is "
              "re-prefilled each turn (session_mode=reprefill in run.json). "
