@@ -32,6 +32,9 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                          "training, MSE over all tokens vs a separate uncompressed pass",
                          ["model.full_attn_layers=[]", "compressor.init=random", "compressor.reference.stride_rounding=floor",
                           "loss.mse_target=separate_pass", "loss.mse_tokens=all", "loss.reconstruct_prototypes=true"]),
+    "reference_loss_pca": ("the reference's loss only (prototypes rebuilt, all-token MSE vs a separate pass) with our "
+                           "PCA init and full layers", ["loss.mse_target=separate_pass", "loss.mse_tokens=all",
+                                                        "loss.reconstruct_prototypes=true"]),
 }
 
 
