@@ -62,3 +62,11 @@ def test_a_failing_method_is_a_line_and_the_other_rows_are_written(tmp_path, mon
     # per-method overrides reach only their method; kv_budget only methods with a budget knob
     assert "method.bits=2" in seen["kivi"] and "method.bits=2" not in seen["vanilla"]
     assert "kv_budget=64" in seen["snapkv"] and not any(o.startswith("kv_budget") for o in seen["kivi"] + seen["vanilla"])
+
+
+def test_default_methods_are_the_registry():
+    from benchmark.eval_runner import ALL_METHODS
+    from experiments.method_table import DEFAULT_METHODS
+
+    # every registered method but sparsex (no budget knob, differs from vanilla only with reusable segments)
+    assert set(DEFAULT_METHODS) == set(ALL_METHODS) - {"sparsex"} and DEFAULT_METHODS[:3] == ("vanilla", "deltakv", "kivi")
