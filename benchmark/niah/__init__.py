@@ -379,18 +379,22 @@ def title_inside(fig, ax) -> bool:
 
 
 def fit_title(fig, ax, title: str, fontsize: float = 9) -> None:
-    """Set ``title`` on ``ax`` and lay the figure out, wrapping the title on word boundaries until
-    it lies inside the figure (a long run name used to run off both sides of the small heatmap)."""
+    """Set ``title`` on ``ax`` and lay the figure out so that the title lies inside the figure (a long
+    run name used to run off both sides of the small heatmap): wrap it on word boundaries down to
+    lines of 40 characters, then widen the figure."""
     import textwrap
 
     text, width = title, len(title)
     while True:
         ax.set_title(text, fontsize=fontsize)
         fig.tight_layout()  # makes room above the axes for the (wrapped) title
-        if title_inside(fig, ax) or width <= 8:
+        if title_inside(fig, ax) or fig.get_figwidth() > 40:
             return
-        width = max(8, int(width * 0.85))
-        text = "\n".join(textwrap.wrap(title, width=width, break_long_words=True, break_on_hyphens=True))
+        if width > 40:
+            width = max(40, int(width * 0.85))
+            text = "\n".join(textwrap.wrap(title, width=width, break_long_words=False, break_on_hyphens=False))
+        else:
+            fig.set_figwidth(fig.get_figwidth() * 1.15)
 
 
 def heatmap_figure(grid: dict, title: str):
@@ -429,9 +433,24 @@ def plot_heatmap(grid: dict, path: Path, title: str) -> Path:
     return path
 
 
+def _non_default(method: str, knobs: dict) -> dict:
+    """The knobs that differ from the method's defaults (a run records every knob; the title names
+    what was chosen)."""
+    import dataclasses
+
+    from sparse_engine.cache.registry import METHODS
+
+    if method not in METHODS:
+        return dict(knobs)
+    defaults = {f.name: f.default for f in dataclasses.fields(METHODS[method].Config)
+                if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in knobs.items() if k not in defaults or defaults[k] != v}
+
+
 def heatmap_title(summary: dict) -> str:
-    """What ran (method, its knobs, backend, query mode), the run folder and the average."""
-    knobs = ", ".join(f"{k}={v}" for k, v in sorted((summary.get("knobs") or {}).items()))
+    """What ran (method, the knobs it changed, backend, query mode), the run folder and the average."""
+    chosen = _non_default(summary.get("method", ""), summary.get("knobs") or {})
+    knobs = ", ".join(f"{k}={v}" for k, v in sorted(chosen.items()))
     return (f"NIAH {summary.get('method', '')}{f' ({knobs})' if knobs else ''}, {summary.get('backend', '')}, "
             f"{summary.get('query_mode', '')}: avg {summary['result']['average']} [{summary['label']}]")
 
