@@ -419,7 +419,9 @@ def bench(
 
     Args:
         model: local HF folder or short name (default: the shipped SmolLM2-135M).
-        methods: comma list of cache methods (any name of `sparse_engine.cache.registry.METHODS`).
+        methods: comma list of cache methods (any name of `sparse_engine.cache.registry.METHODS`); the
+            fixed and budget workloads also take variants `method:tag` (knobs keyed by the variant name,
+            on top of the method's).
         lengths / batch_sizes: comma lists of prompt lengths (tokens) and batch sizes (fixed workload;
             lengths default 256,1024; budget workload: 4096).
         decode_tokens: tokens generated per sequence (greedy, EOS ignored), at least 2.
@@ -483,6 +485,13 @@ def bench(
         from .budget import bench_budget, parse_variants
 
         parse_variants(methods_l, knobs)
+    elif workload == "fixed":  # variants (deltakv:reuse) too: each row runs its variant's merged knobs
+        from .budget import parse_variants
+
+        variants = parse_variants(methods_l, knobs)
+        for _, base, merged in variants:
+            check_methods([base], {base: merged}, spec)
+        knobs = {v: merged for v, _, merged in variants}
     else:
         check_methods(methods_l, knobs, spec)
     tok = _tokenizer_for(Path(tokenizer) if tokenizer else path)
@@ -522,7 +531,8 @@ def _bench_fixed(path, tok, spec, methods_l, lengths_l, batches_l, decode_tokens
 
     device = dtype = None
     for method in methods_l:
-        llm = _make_llm(path, method, tok, knobs, engine_knobs)
+        base = method.split(":", 1)[0]
+        llm = _make_llm(path, base, tok, {base: knobs.get(method, {})}, engine_knobs)
         device, dtype = llm.device, llm.dtype
         env = environment_line(device, dtype)
         if warmup:  # first-call costs (allocator, kernels' compilation) are not part of the figures
@@ -644,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, help="tokenizer folder for the prompts; None = the model's")
     g.add_argument("--random_weights", action=argparse.BooleanOptionalAction, default=False,
                    help="random weights of the config's shapes (speed / memory only)")
-    g.add_argument("--methods", default="vanilla", help=f"comma list of cache methods: {','.join(METHODS)}")
+    g.add_argument("--methods", default="vanilla", help=f"comma list of cache methods: {','.join(METHODS)}; fixed and budget workloads also take "
+                        "variants NAME:TAG whose knobs are keyed by the variant (e.g. deltakv:reuse)")
     g.add_argument("--method_knobs", "--knobs", dest="method_knobs", default="{}", metavar="JSON",
                    help='method knobs, e.g. \'{"deltakv": {"deltakv_path": "runs/smoke/compressor"}, '
                         '"snapkv": {"budget": 256}}\'')

@@ -53,6 +53,18 @@ def test_bench_tiny_model_with_hf(tiny_model_factory, tmp_path):
     assert "| method |" in md and "hf_decode_step_ms" in md
 
 
+def test_fixed_workload_runs_variants_with_their_knobs(tiny_model_factory, tmp_path):
+    """`snapkv,snapkv:b8`: the variant runs snapkv with its own knobs on top of the method's; its KV after
+    a 60-token prompt is its budget x 4 layers x 2 KV heads slots (hand-counted), the method's 32."""
+    path = tiny_model_factory("llama")
+    rows = bench(model=str(path), methods="snapkv,snapkv:b8", lengths="60", batch_sizes="1", decode_tokens=3,
+                 method_knobs={"snapkv": {"budget": 32, "window_size": 4}, "snapkv:b8": {"budget": 8}},
+                 out=str(tmp_path), dtype="float32", warmup=False)
+    slot = 2 * 16 * 4  # K and V of one head, float32
+    assert [r["method"] for r in rows] == ["snapkv", "snapkv:b8"]
+    assert [r["kv_bytes_per_seq"] for r in rows] == [32 * 4 * 2 * slot, 8 * 4 * 2 * slot]
+
+
 def test_prompts_are_real_text_windows(shipped_model_path):
     from transformers import AutoTokenizer
 
