@@ -339,6 +339,7 @@ class DeltaKVCache(CacheMethod):
         self._cache_hits = torch.zeros((), dtype=torch.long, device=pool.device)  # reuse_reconstructed
         self._recon_slots = 0  # reuse_reconstructed: pool slots held by the caches of live sequences
         self._step = 0  # reuse_reconstructed: step counter for the caches' LRU stamps
+        self._up_stacks: dict = {}  # observer -> stacked linear up weights (or its layers' modules)
 
     # ------------------------------------------------------------------ batch hooks
     def batched(self, plan) -> bool:
@@ -519,14 +520,69 @@ class DeltaKVCache(CacheMethod):
             if cache.persistent[row]:
                 st.pos[o], st.stamp[o] = cpos[row, : st.capacity], stamp[row, : st.capacity]
         G, m = a.col.shape
+        rope_r = self._tables(a.pos.reshape(-1))
         if m:
+            # every sparse layer this observer serves rebuilds the same misses: all of them now, in
+            # one batched call (the fathers are prototypes of compressed tokens, already in the pool)
             layers = self.observer_layers[layer]
             slots = cache.slots[:, layers].gather(3, a.col[:, None, None, :].expand(G, len(layers), cache.slots.shape[2], m))
             pos = a.pos[:, None, None, :].expand_as(slots)
             real = a.valid[:, None, None, :].expand_as(slots)
             self.pool.pos.index_copy_(0, slots[real], pos[real])
+            dests = torch.where(real, slots, self.pool.trash).transpose(0, 1)  # [n, G, Hkv, m]
+            self._reconstruct_layers(gp, group, layer, a.li, rope_r, dests)
+            self._reconstructed += a.valid.sum() * len(layers)
         self._cache_hits += a.num_hits
-        return a.li, a.valid, self._tables(a.pos.reshape(-1)), a.col, a.used
+        return a.li, a.valid, rope_r, a.col, a.used
+
+    def _reconstruct_layers(self, gp: _GroupPlan, group, observer: int, li: torch.Tensor, rope_r,
+                            dests: torch.Tensor) -> None:
+        """`_reconstruct_group` for all the sparse layers of `observer` at once (the same tokens `li`
+        [G, m] in each): one row decode, one up-projection per layer (one batched matmul when the ups
+        are linear), one prototype gather with RoPE undone, one father mean + RoPE + pool write.
+        Rows are ordered (layer, sequence, token); dests [n, G, Hkv, m] are the target slots."""
+        gather_inv, reconstruct, _ = self._kernels
+        n, G, hkv, m = dests.shape
+        t_s, sidx = gp.t_s, self.observer_layers[observer]
+        rows = gp.lat_rows[:, sidx].gather(2, li[:, None, :].expand(G, n, m))  # [G, n, m] arena rows
+        latent, ords = self.store.codec.decode(self.store.mem.data[rows.transpose(0, 1).reshape(-1)])
+        delta = self._up_many(observer, latent.view(n, G * m, -1)).reshape(n * G * m, -1)
+        if self.num_fathers:
+            layers = [self.sparse[i] for i in sidx.tolist()]
+            tabs = group.table[:, layers, :, :t_s]  # [G, n, Hkv, t_s]
+            table = tabs.permute(2, 1, 0, 3).reshape(hkv, n * G * t_s)
+            cos_s, sin_s = gp.rope_s
+            proto_kv = gather_inv(self.pool.k, self.pool.v, table, cos_s.repeat(n, 1), sin_s.repeat(n, 1),
+                                  self.rope_scaling)  # [n*G*t_s, W]
+            fpos = self._inv_ordinal(ords.clamp(min=0)).clamp(max=gp.colmap.shape[1] - 1).view(n, G, -1)
+            fcol = gp.colmap[None].expand(n, -1, -1).gather(2, fpos).view(n * G * m, -1)
+            base = (torch.arange(n * G, device=fcol.device) * t_s).repeat_interleave(m)[:, None]
+            fathers = torch.where((ords >= 0) & (fcol >= 0), fcol + base, -1)
+        else:
+            fathers = torch.full((n * G * m, 1), -1, dtype=torch.long, device=delta.device)
+            proto_kv = delta.new_zeros(1, delta.shape[1])
+        cos_r, sin_r = rope_r
+        slots = dests.permute(2, 0, 1, 3).reshape(hkv, n * G * m)
+        reconstruct(delta, fathers, proto_kv, cos_r.repeat(n, 1), sin_r.repeat(n, 1), self.pool.k, self.pool.v,
+                    slots, self.rope_scaling)
+
+    def _up_many(self, observer: int, latent: torch.Tensor) -> torch.Tensor:
+        """Up-projections of the observer's sparse layers: latent [n, r, C] -> [n, r, W] float32."""
+        stack = self._up_stacks.get(observer)
+        if stack is None:
+            pairs = [self.compressor[self.sparse[i]] for i in self.observer_layers[observer].tolist()]
+            if all(hasattr(p.up, "proj") and len(list(p.up.parameters())) <= 2 for p in pairs):  # linear ups
+                w = torch.stack([p.up.proj.weight.t() for p in pairs]).float()  # [n, C, W]
+                b = (torch.stack([p.up.proj.bias for p in pairs])[:, None, :].float()
+                     if pairs[0].up.proj.bias is not None else None)
+                stack = (w, b)
+            else:
+                stack = pairs
+            self._up_stacks[observer] = stack
+        if isinstance(stack, tuple):
+            w, b = stack
+            return torch.bmm(latent, w) if b is None else torch.baddbmm(b, latent, w)
+        return torch.stack([p.up(z.to(next(p.up.parameters()).dtype)).float() for p, z in zip(stack, latent)])
 
     def layer_view(self, plan, layer, group) -> BatchView:
         if layer in self.full and id(group) in self._kivi_step:  # KIVI full layer: blocks dequantized
@@ -538,16 +594,9 @@ class DeltaKVCache(CacheMethod):
         G, hkv = lens.shape
         tab = group.table[:, layer, :, : gp.t_s]  # [G, Hkv, t_s]
         if gp.w and gp.cache is not None:
-            # reuse_reconstructed: rebuild this step's misses (li / lvalid: the misses here) into
-            # their cache columns, then read the whole cache (`cols` keeps the selected columns)
+            # reuse_reconstructed: read the whole cache (`cols` keeps the selected columns)
             slots = gp.cache.slots[:, self.sparse_index[layer]]  # [G, Hkv, C]
-            mcol = gp.views[self.source[layer]][6]
-            if mcol.shape[1]:
-                dest = slots.gather(2, mcol[:, None, :].expand(G, hkv, mcol.shape[1]))
-                dest = torch.where(lvalid[:, None, :], dest, self.pool.trash)
-                self._reconstruct_group(gp, layer, li, rope_r, tab, dest)
-                self._reconstructed += lvalid.sum()
-            tab = torch.cat([tab, slots], dim=2)
+            tab = torch.cat([tab, slots], dim=2)  # the misses were rebuilt at the observer
         elif gp.w:
             self._reconstruct_group(gp, layer, li, rope_r, tab)
             self._reconstructed += lvalid.sum()  # device counter: no sync
