@@ -81,3 +81,21 @@ def tiny_compressor(latent: int | None = None, seed: int = 0, layers=(1, 2, 3), 
             pair.up.proj.weight.copy_(q.T)
             pair.up.proj.bias.zero_()
     return comp
+
+
+TINY_TEXT = [
+    "the first year of the new time was one of more people and more work",
+    "they said it was the first time that the people had a new year",
+    "after three years the work was done and the people were happy with it",
+    "a new year is the time for people to say what they had done",
+] * 6
+
+
+def tiny_training_setup(root: str | Path, text: list[str] | None = None) -> tuple[Path, Path]:
+    """The training tests' model and data under `root`: a tiny llama (3 layers, 2 KV heads x 8) whose
+    tokenizer knows `text` (default `TINY_TEXT`), and `root/corpus.txt` holding that text."""
+    root = Path(root)
+    text = TINY_TEXT if text is None else text
+    model = make_tiny_model(root / "model", text, num_layers=3, num_kv_heads=2, head_dim=8)
+    (root / "corpus.txt").write_text("\n\n".join(text))
+    return root, model

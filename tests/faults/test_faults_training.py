@@ -23,24 +23,15 @@ from hydra import compose, initialize_config_dir
 
 from deltakv.checkpoint import CheckpointError, load_compressor, save_compressor
 from deltakv.config import TrainConfig
-from deltakv.testing import make_tiny_model
+from deltakv.testing import tiny_training_setup
 from deltakv.train import CONF_DIR, run_training
 
 REPO = Path(CONF_DIR).parent
-TEXT = [
-    "the first year of the new time was one of more people and more work",
-    "they said it was the first time that the people had a new year",
-    "after three years the work was done and the people were happy with it",
-    "a new year is the time for people to say what they had done",
-] * 6
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_faults")
-    model = make_tiny_model(root / "model", TEXT, num_layers=3, num_kv_heads=2, head_dim=8)
-    (root / "corpus.txt").write_text("\n\n".join(TEXT))
-    return root, model
+    return tiny_training_setup(tmp_path_factory.mktemp("train_faults"))
 
 
 def overrides(root: Path, model: Path, out: Path, *extra: str) -> list[str]:
