@@ -507,10 +507,11 @@ class LLM:
                     outs.append(self._run_children(session, [[]], [p], own, first_index=k)[0])
             else:
                 outs = self._run_children(session, turns, params, own)
+            with deferred_sigint():  # a Ctrl-C inside the release waits for it to finish
+                self.method.release(session)
         except BaseException:
             self._drop(own)  # Ctrl-C / error: the session and every forked turn give their KV back
             raise
-        self.method.release(session)
         return outs
 
     def _run_until_held(self, session: Sequence) -> None:
@@ -540,7 +541,8 @@ class LLM:
             token = int(torch.argmax(logits)) if p.greedy else sample(logits, p, child.generator)
             if self._accept(child, token, logits):
                 child.status = Status.FINISHED
-                self.method.release(child)
+                with deferred_sigint():
+                    self.method.release(child)
             else:
                 self.scheduler.add(child)
         while any(c.status != Status.FINISHED for c in children):
