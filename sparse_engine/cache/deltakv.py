@@ -318,11 +318,13 @@ class DeltaKVCache(CacheMethod):
         self.source = {l: max(f for f in full if f < l) for l in self.sparse}
         self.observers = set(self.source.values())
         self.observer_list = sorted(self.observers)
-        # reuse_reconstructed: each observer's sparse layers (indices into the cache's Ls axis)
-        self.observer_layers = {o: torch.tensor([i for i, l in enumerate(self.sparse) if self.source[l] == o],
-                                                device=pool.device) for o in self.observer_list}
         self.next_sparse = {a: b for a, b in zip(self.sparse, self.sparse[1:])}
         self.sparse_index = {l: i for i, l in enumerate(self.sparse)}
+        # each observer's sparse layers, and the sparse indices of those groups and of every one layer
+        # (device tensors made once: reconstruction indexes the latent rows and caches with them)
+        self.observer_layers = {o: tuple(l for l in self.sparse if self.source[l] == o) for o in self.observer_list}
+        self._sparse_idx = {ls: torch.tensor([self.sparse_index[l] for l in ls], device=pool.device)
+                            for ls in [*self.observer_layers.values(), *((l,) for l in self.sparse)]}
         self.sinks, self.stride = ref.num_sinks, ref.stride
         self.num_fathers = ref.top_k if ref.kind == "cluster_e2e" else 0
         max_ord = self._ordinal(torch.tensor([spec.max_position_embeddings])).item()
@@ -340,7 +342,7 @@ class DeltaKVCache(CacheMethod):
         self._cache_hits = torch.zeros((), dtype=torch.long, device=pool.device)  # reuse_reconstructed
         self._recon_slots = 0  # reuse_reconstructed: pool slots held by the caches of live sequences
         self._step = 0  # reuse_reconstructed: step counter for the caches' LRU stamps
-        self._up_stacks: dict = {}  # observer -> stacked linear up weights (or its layers' modules)
+        self._up_stacks: dict = {}  # sparse layers -> stacked linear up weights (or the layers' modules)
 
     # ------------------------------------------------------------------ batch hooks
     def batched(self, plan) -> bool:
@@ -526,31 +528,33 @@ class DeltaKVCache(CacheMethod):
             # every sparse layer this observer serves rebuilds the same misses: all of them now, in
             # one batched call (the fathers are prototypes of compressed tokens, already in the pool)
             layers = self.observer_layers[layer]
-            slots = cache.slots[:, layers].gather(3, a.col[:, None, None, :].expand(G, len(layers), cache.slots.shape[2], m))
+            sidx = self._sparse_idx[layers]
+            slots = cache.slots[:, sidx].gather(3, a.col[:, None, None, :].expand(G, len(layers), cache.slots.shape[2], m))
             pos = a.pos[:, None, None, :].expand_as(slots)
             real = a.valid[:, None, None, :].expand_as(slots)
             self.pool.pos.index_copy_(0, slots[real], pos[real])
             dests = torch.where(real, slots, self.pool.trash).transpose(0, 1)  # [n, G, Hkv, m]
-            self._reconstruct_layers(gp, group, layer, a.li, rope_r, dests)
+            self._reconstruct_layers(gp, group, layers, a.li, rope_r, dests)
             self._reconstructed += a.valid.sum() * len(layers)
         self._cache_hits += a.num_hits
         return a.li, a.valid, rope_r, a.col, a.used
 
-    def _reconstruct_layers(self, gp: _GroupPlan, group, observer: int, li: torch.Tensor, rope_r,
+    def _reconstruct_layers(self, gp: _GroupPlan, group, layers: tuple[int, ...], li: torch.Tensor, rope_r,
                             dests: torch.Tensor) -> None:
-        """`_reconstruct_group` for all the sparse layers of `observer` at once (the same tokens `li`
-        [G, m] in each): one row decode, one up-projection per layer (one batched matmul when the ups
-        are linear), one prototype gather with RoPE undone, one father mean + RoPE + pool write.
-        Rows are ordered (layer, sequence, token); dests [n, G, Hkv, m] are the target slots."""
+        """The group's tokens `li` [G, m] (latent indices) of the sparse `layers` -> K/V in the slots
+        `dests` [n, G, Hkv, m], in one call for all the layers (a decode step's one layer; with
+        reuse_reconstructed every layer an observer serves): rows -> latent + father ordinals ->
+        up-projection (one batched matmul for several linear ups) -> father mean over the prototypes
+        (read from each layer's table, RoPE undone) -> RoPE at the tokens' positions -> pool rows.
+        Rows are ordered (layer, sequence, token)."""
         gather_inv, reconstruct, _ = self._kernels
         n, G, hkv, m = dests.shape
-        t_s, sidx = gp.t_s, self.observer_layers[observer]
+        t_s, sidx = gp.t_s, self._sparse_idx[layers]
         rows = gp.lat_rows[:, sidx].gather(2, li[:, None, :].expand(G, n, m))  # [G, n, m] arena rows
         latent, ords = self.store.codec.decode(self.store.mem.data[rows.transpose(0, 1).reshape(-1)])
-        delta = self._up_many(observer, latent.view(n, G * m, -1)).reshape(n * G * m, -1)
+        delta = self._up_many(layers, latent.view(n, G * m, -1)).reshape(n * G * m, -1)
         if self.num_fathers:
-            layers = [self.sparse[i] for i in sidx.tolist()]
-            tabs = group.table[:, layers, :, :t_s]  # [G, n, Hkv, t_s]
+            tabs = group.table[:, list(layers), :, :t_s]  # [G, n, Hkv, t_s]
             table = tabs.permute(2, 1, 0, 3).reshape(hkv, n * G * t_s)
             cos_s, sin_s = gp.rope_s
             proto_kv = gather_inv(self.pool.k, self.pool.v, table, cos_s.repeat(n, 1), sin_s.repeat(n, 1),
@@ -567,19 +571,20 @@ class DeltaKVCache(CacheMethod):
         reconstruct(delta, fathers, proto_kv, cos_r.repeat(n, 1), sin_r.repeat(n, 1), self.pool.k, self.pool.v,
                     slots, self.rope_scaling)
 
-    def _up_many(self, observer: int, latent: torch.Tensor) -> torch.Tensor:
-        """Up-projections of the observer's sparse layers: latent [n, r, C] -> [n, r, W] float32."""
-        stack = self._up_stacks.get(observer)
+    def _up_many(self, layers: tuple[int, ...], latent: torch.Tensor) -> torch.Tensor:
+        """Up-projections of sparse `layers`: latent [n, r, C] -> [n, r, W] float32 (one layer: its
+        module; several linear ups: their weights stacked once, one batched matmul)."""
+        stack = self._up_stacks.get(layers)
         if stack is None:
-            pairs = [self.compressor[self.sparse[i]] for i in self.observer_layers[observer].tolist()]
-            if all(hasattr(p.up, "proj") and len(list(p.up.parameters())) <= 2 for p in pairs):  # linear ups
+            pairs = [self.compressor[l] for l in layers]
+            if len(pairs) > 1 and all(hasattr(p.up, "proj") and len(list(p.up.parameters())) <= 2 for p in pairs):  # linear ups
                 w = torch.stack([p.up.proj.weight.t() for p in pairs]).float()  # [n, C, W]
                 b = (torch.stack([p.up.proj.bias for p in pairs])[:, None, :].float()
                      if pairs[0].up.proj.bias is not None else None)
                 stack = (w, b)
             else:
                 stack = pairs
-            self._up_stacks[observer] = stack
+            self._up_stacks[layers] = stack
         if isinstance(stack, tuple):
             w, b = stack
             return torch.bmm(latent, w) if b is None else torch.baddbmm(b, latent, w)
@@ -599,35 +604,10 @@ class DeltaKVCache(CacheMethod):
             slots = gp.cache.slots[:, self.sparse_index[layer]]  # [G, Hkv, C]
             tab = torch.cat([tab, slots], dim=2)  # the misses were rebuilt at the observer
         elif gp.w:
-            self._reconstruct_group(gp, layer, li, rope_r, tab)
+            self._reconstruct_layers(gp, group, (layer,), li, rope_r, gp.scratch[None])
             self._reconstructed += lvalid.sum()  # device counter: no sync
             tab = torch.cat([tab, gp.scratch], dim=2)
         return BatchView(tab.gather(2, cols[:, None, :].expand(G, hkv, cols.shape[1])), lens, valid=valid)
-
-    def _reconstruct_group(self, gp: _GroupPlan, layer: int, li: torch.Tensor, rope_r, tab: torch.Tensor,
-                           dest: torch.Tensor | None = None) -> None:
-        """The group's selected latent tokens of `layer` -> K/V in the scratch slots, in one call:
-        rows -> latent + father ordinals -> up-projection -> father mean over the prototypes (read
-        from this layer's table, RoPE undone) -> RoPE at the tokens' positions -> pool rows."""
-        gather_inv, reconstruct, _ = self._kernels
-        dest = gp.scratch if dest is None else dest  # [G, Hkv, w] target slots
-        G, hkv, w, t_s = dest.shape[0], self.spec.num_kv_heads, dest.shape[2], gp.t_s
-        rows = gp.lat_rows[:, self.sparse_index[layer]].gather(1, li)  # [G, w] arena rows
-        latent, ords = self.store.codec.decode(self.store.mem.data[rows.reshape(-1)])
-        pair = self.compressor[layer]
-        delta = pair.up(latent.to(next(pair.up.parameters()).dtype)).float()  # [G*w, W]
-        if self.num_fathers:
-            table = tab.permute(1, 0, 2).reshape(hkv, G * t_s)
-            proto_kv = gather_inv(self.pool.k, self.pool.v, table, *gp.rope_s, self.rope_scaling)  # [G*t_s, W]
-            fpos = self._inv_ordinal(ords.clamp(min=0)).clamp(max=gp.colmap.shape[1] - 1).view(G, -1)
-            fcol = gp.colmap.gather(1, fpos).view(G * w, -1)
-            base = (torch.arange(G, device=fcol.device) * t_s).repeat_interleave(w)[:, None]
-            fathers = torch.where((ords >= 0) & (fcol >= 0), fcol + base, -1)
-        else:
-            fathers = torch.full((G * w, 1), -1, dtype=torch.long, device=delta.device)
-            proto_kv = delta.new_zeros(1, delta.shape[1])
-        scratch = dest.permute(1, 0, 2).reshape(hkv, G * w)
-        reconstruct(delta, fathers, proto_kv, *rope_r, self.pool.k, self.pool.v, scratch, self.rope_scaling)
 
     # ------------------------------------------------------------------ helpers
     @property
