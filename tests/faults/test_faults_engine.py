@@ -24,29 +24,15 @@ import torch
 from sparse_engine import LLM, SamplingParams
 from sparse_engine.cache.registry import METHODS
 
+from test_every_method import knobs  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
 ALL = sorted(METHODS)
 SMALL = dict(dtype="float32", device="cpu", chunk_prefill_size=64, kv_cache_bytes=1 << 22)
-# small budgets so that eviction / compression happens on the longer prompts (as tests/test_every_method.py)
-KNOBS = {
-    "snapkv": dict(budget=64, window_size=8),
-    "adakv": dict(budget=64, window_size=8),
-    "pyramidkv": dict(budget=64, window_size=8),
-    "streaming": dict(budget=48, sink_size=4),
-    "omnikv": dict(full_attn_layers=[0], num_top_tokens=16, num_top_tokens_in_prefill=32, recent_size=8),
-    "kivi": dict(bits=2, group_size=8, residual_length=8, sink_size=4),  # head_dim 16: groups of 8
-}
-
-
-def method_knobs(method: str) -> dict:
-    if method == "deltakv":
-        from test_every_method import knobs  # the shared tiny DeltaKV compressor
-
-        return knobs("deltakv")
-    return dict(KNOBS.get(method, {}))
 
 
 def make(path, method="vanilla", **over) -> LLM:
-    return LLM(path, method=method, **{**SMALL, **method_knobs(method), **over})
+    # the every-method checks' small budgets: eviction / compression happens on the longer prompts
+    return LLM(path, method=method, **{**SMALL, **knobs(method), **over})
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from deltakv.checkpoint import CheckpointError, load_compressor, save_compressor
-from deltakv.config import TrainConfig
 from deltakv.testing import tiny_training_setup
 from deltakv.train import CONF_DIR, run_training
+
+from test_train_run import config, overrides  # noqa: E402  (the tiny run's overrides; tests/ is on sys.path)
 
 REPO = Path(CONF_DIR).parent
 
@@ -32,22 +32,6 @@ REPO = Path(CONF_DIR).parent
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return tiny_training_setup(tmp_path_factory.mktemp("train_faults"))
-
-
-def overrides(root: Path, model: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"model.path={model}", "model.full_attn_layers=[0]", "data=text", f"data.sources.0.path={root / 'corpus.txt'}",
-        "data.seq_len=32", "data.eval_fraction=0.2", f"data.cache_dir={root / 'packed'}",
-        "compressor.kv_compressed_size=8", "compressor.down_hidden=16", "compressor.pca_batches=2",
-        "compressor.reference.num_sinks=2", "compressor.reference.cluster_ratio=0.25",
-        "trainer.max_steps=4", "trainer.save_steps=2", "trainer.logging_steps=1", "trainer.disable_tqdm=true",
-        "trainer.learning_rate=1e-2", "eval.max_sequences=2", f"output_dir={out}", *extra,
-    ]
-
-
-def config(*ovr: str) -> TrainConfig:
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return TrainConfig.from_omegaconf(compose("train", overrides=list(ovr)))
 
 
 def assert_same_compressor(a_dir: Path, b_dir: Path) -> None:
