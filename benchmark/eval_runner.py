@@ -302,6 +302,15 @@ def _method_fields(name: str) -> dict | None:
         return None
 
 
+def changed_knobs(method: str, knobs: dict) -> dict:
+    """The knobs that differ from the method's engine defaults (all of them when the engine or the
+    method is unknown): what a run chose, for its fingerprint, the tables and the heatmap title."""
+    fields = _method_fields(method) if method != "vanilla" else None
+    if not fields:
+        return dict(knobs)
+    return {k: v for k, v in knobs.items() if k not in fields or fields[k] != v}
+
+
 def _conf_method_fields(name: str) -> dict | None:
     """The knobs a method's config file names (used when the engine does not import)."""
     path = CONF_DIR / "method" / f"{name}.yaml"
@@ -639,9 +648,7 @@ def comparison_table(root: Path, benchmark: str | None = None) -> str:
     lines = [head, sep]
     for s in rows:
         sc = s["result"]["scores"]
-        fields = _method_fields(s["method"]) if s["method"] != "vanilla" else None
-        shown = {k: v for k, v in s["knobs"].items() if not fields or k not in fields or fields[k] != v}
-        knobs = ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or "-"
+        knobs = ", ".join(f"{k}={v}" for k, v in sorted(changed_knobs(s["method"], s["knobs"]).items())) or "-"
         lines.append(f"| {s['label']} | {s['backend']} | {s['method']} | {knobs} | {s['query_mode']} | "
                      + " | ".join(_fmt(sc.get(c)) for c in cols) + f" | {_fmt(s['result'].get('average'))} | "
                      + (f"{100 * s['result']['kv']['kv_fraction_mean']:.1f}" if s["result"].get("kv", {}).get(
@@ -675,9 +682,7 @@ def _fingerprint(cfg, method, knobs) -> dict:
     b = dict(_plain(cfg.benchmark))
     b.pop("data_dir", None)  # moving the data does not change the run
     b.pop("scoring", None)  # nor does scoring the same generations another way (the summary says which)
-    fields = _method_fields(method) if method != "vanilla" else None
-    if fields:  # knobs equal to the engine's defaults do not change the run
-        knobs = {k: v for k, v in knobs.items() if k not in fields or fields[k] != v}
+    knobs = changed_knobs(method, knobs)  # knobs equal to the engine's defaults do not change the run
     return {"benchmark": b, "backend": str(cfg.backend), "method": method, "knobs": knobs,
             "model": model_ref(cfg), "query_mode": str(cfg.get("query_mode", "aware")),
             "engine": _plain(cfg.get("engine")) or {}}

@@ -433,23 +433,11 @@ def plot_heatmap(grid: dict, path: Path, title: str) -> Path:
     return path
 
 
-def _non_default(method: str, knobs: dict) -> dict:
-    """The knobs that differ from the method's defaults (a run records every knob; the title names
-    what was chosen)."""
-    import dataclasses
-
-    from sparse_engine.cache.registry import METHODS
-
-    if method not in METHODS:
-        return dict(knobs)
-    defaults = {f.name: f.default for f in dataclasses.fields(METHODS[method].Config)
-                if f.default is not dataclasses.MISSING}
-    return {k: v for k, v in knobs.items() if k not in defaults or defaults[k] != v}
-
-
 def heatmap_title(summary: dict) -> str:
     """What ran (method, the knobs it changed, backend, query mode), the run folder and the average."""
-    chosen = _non_default(summary.get("method", ""), summary.get("knobs") or {})
+    from benchmark.eval_runner import changed_knobs
+
+    chosen = changed_knobs(summary.get("method", ""), summary.get("knobs") or {})
     knobs = ", ".join(f"{k}={v}" for k, v in sorted(chosen.items()))
     return (f"NIAH {summary.get('method', '')}{f' ({knobs})' if knobs else ''}, {summary.get('backend', '')}, "
             f"{summary.get('query_mode', '')}: avg {summary['result']['average']} [{summary['label']}]")
