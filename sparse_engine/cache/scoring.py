@@ -159,12 +159,16 @@ def group_scores(pool, scale: float, group, q, view, kv, mode: str = "softmax_al
             kpos = pool.pos[table[g0:g1]]
         if mode == "softmax_candidates":
             valid = valid & cand[g0:g1, None, :]
-        qh = qg[g0:g1].float().view(g1 - g0, n, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)  # [b, Hkv, g, n, D]
-        kt = k.float().transpose(-1, -2)[:, :, None]  # [b, Hkv, 1, D, T]
+        b, g = g1 - g0, hq // hkv
+        qh = qg[g0:g1].float().view(b, n, hkv, g, d).permute(0, 2, 3, 1, 4)  # [b, Hkv, g, n, D]
+        kt = k.float().transpose(-1, -2)  # [b, Hkv, D, T]
         base = valid[:, :, None, None, :]
         score = None
         for lo in range(0, n, qb):
-            s = torch.matmul(qh[:, :, :, lo : lo + qb], kt) * scale  # [b, Hkv, g, rows, T]
+            # (g, rows) folded into one matrix: one bmm per KV head (a broadcast over g would copy K)
+            qr = qh[:, :, :, lo : lo + qb]
+            rows = qr.shape[3]
+            s = torch.matmul(qr.reshape(b, hkv, g * rows, d), kt).view(b, hkv, g, rows, T) * scale
             mask = base
             if kpos is not None:  # (no kpos: decode rows, which see every valid key)
                 mask = base & (kpos[:, :, None, None, :] <= group.q_pos[g0:g1, None, None, lo : lo + qb, None])
