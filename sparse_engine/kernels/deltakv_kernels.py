@@ -74,20 +74,21 @@ def reconstruct_scatter_ref(delta, fathers, proto_kv, cos, sin, k_pool, v_pool, 
 
 
 def topk_fathers_ref(kv, pos, proto_kv, proto_pos, top_k: int, metric: str = "l2") -> torch.Tensor:
-    """Indices [n, top_k] into the prototypes of the `top_k` most similar ones at strictly earlier
-    positions (the `deltakv.reference` scores), -1 where fewer are eligible."""
+    """Indices [..., n, top_k] into the prototypes of the `top_k` most similar ones at strictly earlier
+    positions (the `deltakv.reference` scores), -1 where fewer are eligible. kv [..., n, W], proto_kv
+    [..., P, W] (leading dims: e.g. the layers of one compression, same positions)."""
     from deltakv.reference import ReferenceSpec, prototype_scores
 
-    n = kv.shape[0]
-    if proto_kv.shape[0] == 0 or n == 0:
-        return torch.full((n, top_k), -1, dtype=torch.long, device=kv.device)
+    n = kv.shape[-2]
+    if proto_kv.shape[-2] == 0 or n == 0:
+        return torch.full((*kv.shape[:-1], top_k), -1, dtype=torch.long, device=kv.device)
     scores = prototype_scores(ReferenceSpec(metric=metric), kv.float(), proto_kv.float())
     scores = scores.masked_fill(~(proto_pos.view(1, -1) < pos.view(-1, 1)), float("-inf"))
-    k = min(top_k, proto_kv.shape[0])
+    k = min(top_k, proto_kv.shape[-2])
     top, idx = scores.topk(k, dim=-1)
     idx = idx.masked_fill(~torch.isfinite(top), -1)
     if k < top_k:
-        idx = torch.cat([idx, idx.new_full((n, top_k - k), -1)], dim=1)
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], top_k - k), -1)], dim=-1)
     return idx
 
 
@@ -229,6 +230,9 @@ def topk_fathers_triton(kv, pos, proto_kv, proto_pos, top_k: int, metric: str = 
                         block_p: int = 32, block_w: int = 64) -> torch.Tensor:
     if metric != "l2":
         return topk_fathers_ref(kv, pos, proto_kv, proto_pos, top_k, metric)
+    if kv.dim() == 3:  # several layers at the same positions: one launch each
+        return torch.stack([topk_fathers_triton(x, pos, p, proto_pos, top_k, metric, block_m, block_p, block_w)
+                            for x, p in zip(kv, proto_kv)])
     _need_triton()
     n = kv.shape[0]
     out = torch.full((n, top_k), -1, dtype=torch.int32, device=kv.device)
