@@ -121,3 +121,23 @@ def test_factor_is_validated(tiny):
     with pytest.raises(ValueError, match="reconstructed_cache_factor"):
         LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(latent=16, seed=0), reuse_reconstructed=True,
             reconstructed_cache_factor=0.5, **KNOBS)
+
+
+@pytest.mark.parametrize("kv_cache_bytes,drops", [(180_000, True), (220_000, None), (4_000_000, False)])
+def test_caches_are_evictable_under_a_tight_budget(tiny, kv_cache_bytes, drops):
+    """The caches take only slots nobody needs and are reclaimed before a sequence waits or is
+    preempted: every budget that serves the requests without the cache serves them with it (before,
+    the cache counted in `max_slots`, so 180,000 bytes refused the 140-token request, and it grew
+    into the slots of the sequences it was meant to speed up), with no more preemptions and the
+    same tokens; caches are dropped when room runs out and used when there is room."""
+    over = dict(kv_cache_bytes=kv_cache_bytes)
+    base, ref = _run(tiny, **over)
+    llm, outs = _run(tiny, reuse_reconstructed=True, **over)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert llm.scheduler.num_preemptions <= base.scheduler.num_preemptions
+    st = llm.kv_stats()
+    assert st["reconstruct_cache_hits"] > 0
+    if drops is not None:  # 180,000: room runs out while caches are held; 4 MB: it never does
+        assert (st["reconstruct_caches_dropped"] > 0) == drops
+    assert st["slots_used"] == 0 and st["reconstruct_cache_slots"] == 0
+    assert int((llm.pool.refcount != 0).sum()) == 0

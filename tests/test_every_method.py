@@ -14,7 +14,8 @@ eviction / compression really happens on the longer prompts (20..300 tokens):
 5. preemption: pools from exactly the largest request's `max_slots` up (some of them preempt, in prefill
    and in decode) give the roomy pool's tokens;
 6. `slots_needed` is an upper bound: in every step the slots allocated (and not yet freed) never
-   exceed the sum the scheduler reserved through `method.slots_needed(seq, n)` for that step;
+   exceed the sum the scheduler reserved through `method.slots_needed(seq, n)` for that step (slots a
+   method grows as evictable caches, its `reclaimable()`, are counted apart);
 7. `generate_session` runs (accumulating and forked turns) and leaves no slots behind.
 """
 
@@ -279,8 +280,17 @@ class StepLedger:
                 reserved += got[1]
             self.mine.zero_()
             self.cur = dict(step=len(self.steps), reserved=reserved, live=0, peak=0, allocated=0,
+                            ev_seen=method.reclaimable(), ev_grown=0,
                             batch=[(s.seq_id, s.num_computed, n) for s, n in batch])
             return batch
+
+        def evictable():
+            # slots a method grows as evictable caches (`reclaimable`, taken only from surplus and
+            # reclaimed before anything waits) are not reservations: counted apart
+            now = method.reclaimable()
+            if now > self.cur["ev_seen"]:
+                self.cur["ev_grown"] += now - self.cur["ev_seen"]
+            self.cur["ev_seen"] = now
 
         def allocate(n):
             slots = o_alloc(n)
@@ -288,7 +298,8 @@ class StepLedger:
                 self.mine[slots.reshape(-1)] = True
                 self.cur["live"] += n
                 self.cur["allocated"] += n
-                self.cur["peak"] = max(self.cur["peak"], self.cur["live"])
+                evictable()
+                self.cur["peak"] = max(self.cur["peak"], self.cur["live"] - self.cur["ev_grown"])
             return slots
 
         def free(slots):
@@ -298,6 +309,7 @@ class StepLedger:
                 gone = s[self.mine[s] & (pool.refcount[s] == 0)]
                 self.mine[gone] = False
                 self.cur["live"] -= len(gone)
+                evictable()
 
         method.slots_needed, sched.schedule, pool.allocate, pool.free = slots_needed, schedule, allocate, free
 

@@ -145,6 +145,17 @@ class CacheMethod:
         """Peak slots one sequence of `num_tokens` can hold (admission check against the pool)."""
         return self.slots_needed(None, num_tokens)
 
+    # A method may hold pool slots it can give back at any time (DeltaKV's reconstruction caches: a
+    # speed-up, not state). The scheduler reclaims them before it preempts a sequence or turns one away.
+    def reclaimable(self) -> int:
+        """Pool slots `reclaim` could free now. Default 0."""
+        return 0
+
+    def reclaim(self, num_slots: int) -> int:
+        """Free at least `num_slots` evictable slots if that many are held (between steps); returns
+        the slots freed."""
+        return 0
+
     # ------------------------------------------------------------------ batch hooks (the hot path)
     def batched(self, plan) -> bool:
         """True: this step runs on the batch hooks below. Methods still on the per-sequence hooks

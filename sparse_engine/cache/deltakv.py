@@ -336,12 +336,13 @@ class DeltaKVCache(CacheMethod):
         self.prefetcher = Prefetcher(self.store) if cfg.deltakv_offload_latent and cfg.deltakv_prefetch else None
         self.inv_freq = spec.inv_freq.to(pool.device)
         self.rope_scaling = float(spec.rope_attention_scaling)
-        self.counters = {"compressed_tokens": 0, "reconstructed_tokens": 0}
+        self.counters = {"compressed_tokens": 0, "reconstructed_tokens": 0, "reconstruct_caches_dropped": 0}
         self._reconstructed = torch.zeros((), dtype=torch.long, device=pool.device)  # batched path: summed lazily
         self.full_kivi = full_layer_kivi(self)  # None unless full_layer_kv_quant_bits
         self._kivi_step = {}  # this step's KIVI plan per row group (full layers)
         self._cache_hits = torch.zeros((), dtype=torch.long, device=pool.device)  # reuse_reconstructed
         self._recon_slots = 0  # reuse_reconstructed: pool slots held by the caches of live sequences
+        self._cache_owners: dict[int, DeltaState] = {}  # seq_id -> state holding a cache (reclaim)
         self._step = 0  # reuse_reconstructed: step counter for the caches' LRU stamps
         self._up_stacks: dict = {}  # sparse layers -> stacked linear up weights (or the layers' modules)
 
@@ -405,22 +406,11 @@ class DeltaKVCache(CacheMethod):
             lat_rows = torch.stack([torch.nn.functional.pad(st.lat_rows, (0, nl - st.lat_rows.shape[1]))
                                     for st in states])  # [G, Ls, nl]
         if w and use_cache:
-            rows, temp = [], []
-            for row, st in enumerate(states):
-                cap = self._cache_width(ks[row], nls[row])
-                if cap:
-                    if st.recon is None:
-                        st.recon = recon_cache.empty_state(len(self.sparse), hkv, len(self.observer_list), dev)
-                    before = st.recon.num_slots
-                    st.recon = recon_cache.ensure_capacity(st.recon, cap, self.pool)
-                    self._recon_slots += st.recon.num_slots - before
-                    rows.append(st.recon)
-                else:  # reads all its compressed tokens: a one-step cache, one block shared by every layer
-                    one = self.pool.allocate(hkv * ws[row])
-                    temp.append(one)
-                    rows.append(recon_cache.one_step_state(one, len(self.sparse), hkv, len(self.observer_list)))
-            cache = recon_cache.stack(rows, self.pool.trash, persistent=[r is st.recon for r, st in zip(rows, states)])
-            scratch_real = torch.cat(temp) if temp else None
+            use_cache = self._plan_caches(plan, group, states, ks, nls, ws)
+        if w and use_cache:
+            rows = [st.recon if ws[row] else recon_cache.empty_state(len(self.sparse), hkv, len(self.observer_list), dev)
+                    for row, st in enumerate(states)]
+            cache = recon_cache.stack(rows, self.pool.trash, persistent=[bool(wb) for wb in ws])
         elif w:
             # Each sequence gets slots for its own tokens only (what `slots_needed` reserved); the
             # padding of the [G, Hkv, w] block points at the pool's trash row (written, never read).
@@ -501,6 +491,72 @@ class DeltaKVCache(CacheMethod):
         lens = n_keep[:, None].expand(G, hkv).contiguous()
         valid = torch.arange(cols.shape[1], device=dev)[None, None, :] < lens[:, :, None]
         gp.views[layer] = (li, lvalid, rope_r, cols, lens, valid, mcol)
+
+    # ------------------------------------------------------------------ reuse_reconstructed: evictable caches
+    def _cache_headroom(self, plan) -> int:
+        """Free slots a cache may not take: twice what the step's sequences reserve for a step (this
+        step's remaining scratch, and the next step, so that the next schedule does not reclaim what
+        this one grew)."""
+        return 2 * sum(self.slots_needed(s, 1) for s in plan.seqs)
+
+    def _drop_cache(self, seq_id: int, st: DeltaState, counted: bool = True) -> int:
+        """Free a sequence's reconstruction cache (rebuilt when it is selected again); returns its slots."""
+        self._cache_owners.pop(seq_id, None)
+        recon, st.recon = st.recon, None
+        if recon is None:
+            return 0
+        self._recon_slots -= recon.num_slots
+        if counted:
+            self.counters["reconstruct_caches_dropped"] += 1
+        recon_cache.release(recon, self.pool)
+        return recon.num_slots
+
+    def _plan_caches(self, plan, group, states, ks, nls, ws) -> bool:
+        """Whether this decode group reads through the caches this step: every row that reconstructs
+        anything needs a cache at least as wide as its selection. Caches grow to `factor` selections
+        only from slots no reservation needs (evictable); if a row selects nothing (reads every
+        compressed token) or has no room, the whole group takes the plain per-layer scratch path
+        this step (its caches are kept for later steps)."""
+        hkv, ls = self.spec.num_kv_heads, len(self.sparse)
+        spare = self.pool.num_free - self._cache_headroom(plan)
+        grows = []
+        for row, st in enumerate(states):
+            if not ws[row]:
+                continue
+            cap = self._cache_width(ks[row], nls[row])
+            have = st.recon.capacity if st.recon is not None else 0
+            if not cap:
+                return False
+            grow = max(0, cap - have) * ls * hkv
+            if grow and grow <= spare:
+                grows.append((row, cap, grow))
+                spare -= grow
+            elif have < ws[row]:
+                return False
+        for row, cap, grow in grows:
+            st, b = states[row], group.bidx[row]
+            if st.recon is None:
+                st.recon = recon_cache.empty_state(ls, hkv, len(self.observer_list), self.pool.device)
+            self._recon_slots += grow  # counted as evictable before the pool hands them out
+            try:
+                st.recon = recon_cache.ensure_capacity(st.recon, cap, self.pool)
+            except BaseException:
+                self._recon_slots -= grow
+                raise
+            self._cache_owners[plan.seqs[b].seq_id] = st
+        return True
+
+    def reclaimable(self) -> int:
+        return self._recon_slots
+
+    def reclaim(self, num_slots: int) -> int:
+        """Drop whole caches, largest first, until `num_slots` are free again (between steps)."""
+        freed = 0
+        for sid, st in sorted(self._cache_owners.items(), key=lambda kv: -kv[1].recon.num_slots):
+            if freed >= num_slots:
+                break
+            freed += self._drop_cache(sid, st)
+        return freed
 
     def _cache_width(self, k: int, num_latent: int) -> int:
         """Columns of a sequence's reconstruction cache when it selects `k` tokens (0: not selecting)
@@ -691,11 +747,7 @@ class DeltaKVCache(CacheMethod):
         if getattr(seq, "kv", None) is not None:
             if seq.kv.state.kivi is not None:
                 self.pool.free(seq.kv.state.kivi.blocks)
-            st = seq.kv.state
-            if st.recon is not None:
-                self._recon_slots -= st.recon.num_slots
-                recon, st.recon = st.recon, None
-                recon_cache.release(recon, self.pool)
+            self._drop_cache(seq.seq_id, seq.kv.state, counted=False)
             self.store.free(seq.kv.state.lat_handles.reshape(-1))
             if self.prefetcher is not None:
                 self.prefetcher.drop(seq.seq_id)
@@ -752,17 +804,15 @@ class DeltaKVCache(CacheMethod):
     def max_slots(self, num_tokens: int) -> int:
         """Peak slots of one sequence: full layers hold every token; sparse layers sinks, prototypes,
         the recent window, a decode block and one prefill chunk before it is compressed; plus one
-        layer's scratch (every compressed token, in a prefill step that reconstructs them all)."""
+        layer's scratch (every compressed token, in a prefill step that reconstructs them all). The
+        reconstruction caches are evictable: not counted."""
         chunk = min(num_tokens, getattr(self, "max_chunk", None) or num_tokens)
         protos = (num_tokens // self.stride + 1) if self.stride else 0
         cfg = self.config
         window = 2 * cfg.recent_size if cfg.exact_window == "blocks" else cfg.recent_size + cfg.decode_compress_block
         per_sparse = (num_tokens if cfg.prefill_compress == "at_end"  # the whole prompt exact until its end
                       else min(num_tokens, self.sinks + protos + window + chunk))
-        cache = 0
-        if self.config.reuse_reconstructed:  # the decode cache: the selection in every sparse layer
-            cache = len(self.sparse) * self._cache_width(top_count(self.config.num_top_tokens, num_tokens), num_tokens)
-        return self._full_layer_slots(num_tokens, chunk) + (len(self.sparse) * per_sparse + num_tokens + cache) * self.spec.num_kv_heads
+        return self._full_layer_slots(num_tokens, chunk) + (len(self.sparse) * per_sparse + num_tokens) * self.spec.num_kv_heads
 
     # ------------------------------------------------------------------ scheduling
     def _num_latent(self, seq) -> int:
@@ -788,17 +838,10 @@ class DeltaKVCache(CacheMethod):
         return 0 if st is None else self.full_kivi.slots_held(st) * self.pool.bytes_per_slot
 
     def slots_needed(self, seq, num_new_tokens: int) -> int:
-        """New tokens in every layer + one layer's reconstructed tokens (scratch, freed after use);
-        with `reuse_reconstructed`, a decode step instead grows the sequence's cache to its selection
-        width in every sparse layer (kept until the sequence is released)."""
+        """New tokens in every layer + one layer's reconstructed tokens (scratch, freed after use).
+        `reuse_reconstructed`'s caches are not counted: they grow only from slots no reservation
+        needs and are reclaimed (`reclaim`) before anything waits or is preempted."""
         scratch = self._num_latent(seq) if seq is not None and getattr(seq, "kv", None) is not None else 0
-        if scratch and self.config.reuse_reconstructed and seq.num_computed >= seq.num_prompt_tokens:
-            n_hist = max(0, seq.num_computed - self.config.recent_size - self.sinks)
-            k = top_count(self.config.num_top_tokens, n_hist) if n_hist else 0
-            width = self._cache_width(k if k < n_hist else 0, scratch)
-            if width:
-                recon = seq.kv.state.recon
-                scratch = max(0, width - (recon.capacity if recon is not None else 0)) * len(self.sparse)
         return (num_new_tokens * self.spec.num_layers + scratch) * self.spec.num_kv_heads + \
             self._full_kivi_slots(seq, num_new_tokens)
 

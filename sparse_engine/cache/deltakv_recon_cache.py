@@ -15,7 +15,10 @@ observer and step and each of its layers only reconstructs the misses into its o
 
 A step (one row group of decoding sequences):
 1. `ensure_capacity` (host, `begin_step`): C >= factor x the step's selection width, new columns
-   allocated from the pool (counted by `slots_needed`, `kv_bytes`, freed on release);
+   allocated from the pool. The caches are EVICTABLE: they grow only from slots no step's reservation
+   needs (`slots_needed` does not count them) and the scheduler reclaims them (`reclaim`, whole
+   caches, largest first) before a sequence waits or is preempted; a group whose rows cannot all read
+   through a cache takes the plain per-layer scratch path for the step. Counted in `kv_bytes`;
 2. `assign` (observation layer): selected tokens already cached keep their column; each miss takes a
    column not read this step, least recently read first (LRU);
 3. the sparse layers reconstruct the misses only and read the selected columns.
@@ -65,14 +68,6 @@ def ensure_capacity(st: ReconState, width: int, pool) -> ReconState:
                       torch.cat([st.stamp, pad], dim=1))
 
 
-def one_step_state(slots: torch.Tensor, num_sparse: int, num_kv_heads: int, num_observers: int) -> ReconState:
-    """A sequence that reads all its compressed tokens: an empty cache over `slots` [Hkv * w], the
-    same block for every sparse layer (each layer rebuilds it before attending), freed after the step."""
-    block = slots.view(1, num_kv_heads, -1).expand(num_sparse, num_kv_heads, -1)
-    empty = slots.new_full((num_observers, block.shape[-1]), -1)
-    return ReconState(block, empty, empty.clone())
-
-
 def release(st: ReconState | None, pool) -> None:
     if st is not None and st.capacity:
         pool.free(st.slots.reshape(-1))
@@ -87,7 +82,7 @@ class GroupCache:
     pos: torch.Tensor
     stamp: torch.Tensor
     caps: list[int]
-    persistent: list[bool]  # False: a one-step cache (`one_step_state`), nothing written back
+    persistent: list[bool]  # False: a row with nothing to reconstruct (an empty cache), nothing written back
 
 
 def stack(states: list[ReconState], trash: int, persistent: list[bool]) -> GroupCache:

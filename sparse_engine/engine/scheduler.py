@@ -2,7 +2,8 @@
 
 Each step walks the running sequences in admission order (decode tokens and prefill chunks may share a
 step), then admits waiting ones while the token budget, `max_num_seqs` and free KV slots allow. When
-a running sequence needs slots that are not free, the youngest running sequence is preempted: its
+a running sequence needs slots that are not free, the method's evictable slots are reclaimed first
+(`reclaim`: DeltaKV's reconstruction caches), then the youngest running sequence is preempted: its
 slots return to the pool and it is re-queued to recompute its KV later (never a crash).
 """
 
@@ -53,7 +54,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _fits(self, need: int, rows: int, reserved: int, reserved_rows: int) -> bool:
-        return self.pool.num_free - reserved >= need and self.method.rows_free() - reserved_rows >= rows
+        if self.pool.num_free - reserved >= need and self.method.rows_free() - reserved_rows >= rows:
+            return True
+        # evictable slots (a method's caches) go before any sequence does, when that alone makes room
+        short = need - (self.pool.num_free - reserved)
+        if 0 < short <= self.method.reclaimable() and self.method.rows_free() - reserved_rows >= rows:
+            self.method.reclaim(short)
+            return self.pool.num_free - reserved >= need
+        return False
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Pool slots AND the method's rows outside the pool (DeltaKV latents) are both reserved for
