@@ -296,3 +296,30 @@ def test_one_budget_bounds_slots_and_latent_rows(tiny):
     assert st["slots_used"] == 0 and st["latent_rows_used"] == 0
     run("vanilla", dtype="float32", chunk_prefill_size=64)
     assert peak["vanilla"] == 1 and peak["deltakv"] >= 2, peak  # tiny geometry: ~0.48x vanilla bytes per token
+
+
+def test_bf16_up_matmul_is_the_bf16_rounded_product(tiny):
+    """up_matmul_dtype='bf16': the up-projection is the product of bf16-rounded latents and weights,
+    rounded to bf16, + the float32 bias, for one layer and for an observer's stacked layers; the engine
+    serves with it; non-linear ups and unknown dtypes are refused with the fix named."""
+    comp = tiny_compressor(latent=16)
+    llm = LLM(tiny, method="deltakv", deltakv_path=comp, latent_dtype="float32", up_matmul_dtype="bf16", **COMMON)
+    m = llm.method
+    g = torch.Generator().manual_seed(3)
+    for layers in [(m.sparse[0],), tuple(m.sparse)]:
+        z = torch.randn(len(layers), 7, 16, generator=g)
+        got = m._up_many(layers, z)
+        for i, l in enumerate(layers):
+            p = comp[l].up.proj
+            # float32 sums of exact bf16 x bf16 products, rounded once to bf16 (CPU bmm returns bf16)
+            prod = (z[i].bfloat16().float() @ p.weight.bfloat16().float().t()).bfloat16().float()
+            torch.testing.assert_close(got[i], prod + p.bias.float(), rtol=2**-8, atol=1e-6)  # <= 1 bf16 ulp apart
+            assert (got[i] - p(z[i])).abs().max() > 0  # not the float32 product
+    outs = llm.generate(prompts(), SP, use_tqdm=False)
+    assert [len(o["token_ids"]) for o in outs] == [SP.max_tokens] * len(prompts())
+    with pytest.raises(ValueError, match="up_matmul_dtype"):
+        LLM(tiny, method="deltakv", deltakv_path=comp, up_matmul_dtype="fp16", **COMMON)
+    gelu = tiny_compressor(latent=16)
+    gelu.config.up = "mlp_gelu"
+    with pytest.raises(ValueError, match="up_matmul_dtype='float32'"):
+        LLM(tiny, method="deltakv", deltakv_path=gelu, up_matmul_dtype="bf16", **COMMON)
