@@ -217,3 +217,20 @@ def test_missing_method_knob_is_one_clear_error(capsys):
     assert "budgte" in capsys.readouterr().err
     with pytest.raises(BenchConfigError, match="Did you mean 'snapkv'"):
         bench(methods="snapky")
+
+
+def test_interleaved_prints_one_row_per_variant(shipped_model_path, capsys):
+    """`benchmark.interleaved` takes turns between engines; the baseline's ratio is 1 and the rows keep
+    the variants' order (the tokens/s column is batch / median step)."""
+    import json
+
+    from benchmark import interleaved
+
+    variants = {"base": ["vanilla", {}], "omni": ["omnikv", {"num_top_tokens": 8, "full_attn_layers": [0]}]}
+    interleaved.main(["--model", str(shipped_model_path), "--length", "48", "--batch", "2", "--steps", "3",
+                      "--warm", "1", "--threads", "1", "--variants", json.dumps(variants)])
+    rows = [l.split("|")[1:-1] for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "---" not in l]
+    assert [r[0].strip() for r in rows[1:]] == ["base", "omni"]
+    assert rows[1][4].strip() == "1.000"
+    for r in rows[1:]:
+        assert abs(float(r[3]) - 1000 * 2 / float(r[1])) < 0.02 * float(r[3])

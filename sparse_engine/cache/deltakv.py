@@ -120,9 +120,9 @@ class DeltaKVConfig(MethodConfig):
         up_matmul_dtype: float32 (the reference) | bf16: the up-projection of reconstruction runs in
             bfloat16 (weights, dequantized latents and the product rounded to bf16, the bias added in
             float32; linear ups only).
-            ~4x faster matmuls on CPUs with AVX512-BF16 / AMX and on GPUs; the rounding (2^-9
-            relative) is small next to int4 / int8 latent quantization (ablation:
-            `experiments/up_matmul_dtype.py`).
+            ~4x faster matmuls on CPUs with AVX512-BF16 / AMX and on GPUs; the roundings (<= 2^-8
+            relative each) are small next to int4 / int8 latent quantization (ablation:
+            `experiments/up_matmul_dtype.py`, results in `experiments/results/up_matmul_dtype/`).
     """
 
     deltakv_path: object = None

@@ -1,0 +1,76 @@
+"""Decode steps of several engines INTERLEAVED in one process: a ratio that machine noise cannot bias.
+
+    python -m benchmark.interleaved --length 4096 --batch 1 --steps 32 --threads 2 \
+        --variants '{"vanilla": ["vanilla", {}], "deltakv": ["deltakv", {"deltakv_path": "runs/smoke/compressor"}]}'
+
+`deltakv-bench` times one method after another; on a shared or throttled machine (this 2-core VM
+varies by 10-20% from minute to minute) the ratio of two such runs moves more than the effect being
+measured. Here every engine prefills the same real-text prompts, runs `--warm` decode steps, then
+the engines take turns, one decode step each, `--steps` rounds: a slow minute slows every engine in
+it. Printed per variant: median and mean step (ms), tokens/s, and the median's ratio to the first
+variant (`first/this`: > 1 = faster than the first). The mean includes DeltaKV's compression steps
+(one every `decode_compress_block` tokens); the first decode steps (first-use costs, a cache filling)
+are the `--warm` ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from .throughput import environment_line, real_text_prompts
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", required=True, help='JSON: name -> [method, {knobs}] (the first is the baseline)')
+    ap.add_argument("--model", default=None, help="HF model dir (default: the shipped SmolLM2-135M)")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv_cache_bytes", type=int, default=4 * 2**30)
+    a = ap.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from sparse_engine import LLM, SamplingParams
+    from sparse_engine.shipped import shipped_model_dir
+
+    torch.set_num_threads(a.threads)
+    variants = json.loads(a.variants)
+    model = a.model or str(shipped_model_dir())
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = real_text_prompts(tok, a.length, a.batch, tok.vocab_size)
+    sp = SamplingParams(temperature=0.0, max_tokens=a.warm + a.steps + 2, ignore_eos=True)
+    llms = {}
+    for name, (method, knobs) in variants.items():
+        llm = LLM(model, method=method, tokenizer=tok, kv_cache_bytes=a.kv_cache_bytes, **knobs)
+        seqs = [llm.add_request(p, sp) for p in prompts]
+        while not all(s.output_token_ids for s in seqs):
+            llm.step()
+        for _ in range(a.warm):
+            llm.step()
+        llms[name] = llm
+    times = {n: [] for n in llms}
+    for _ in range(a.steps):
+        for n, llm in llms.items():
+            t = time.perf_counter()
+            llm.step()
+            times[n].append(1000 * (time.perf_counter() - t))
+    print(environment_line(), f"| {a.length} tokens x batch {a.batch}, {a.steps} interleaved decode steps", flush=True)
+    print("| variant | median step ms | mean step ms | tok/s (median) | first/this |")
+    print("|---|---|---|---|---|")
+    base = None
+    for n, v in times.items():
+        med = statistics.median(v)
+        base = base or med
+        print(f"| {n} | {med:.1f} | {statistics.mean(v):.1f} | {1000 * a.batch / med:.2f} | {base / med:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
