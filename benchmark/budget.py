@@ -26,6 +26,7 @@ Per method (a method may appear several times as named variants, `deltakv:int8,d
   first token, and kv_ratio_vs_vanilla = that / vanilla's bytes for the same prompts (prompt tokens x layers
   x kv_heads x bytes_per_slot: the first sampled token is not cached yet);
 * slots_total / slots_peak, latent_rows_capacity / latent_rows_peak (`LLM.kv_stats()`);
+* cache_hits / caches_dropped: DeltaKV `reuse_reconstructed` tokens read from its caches, caches reclaimed for room;
 * niah_score: fraction of needles found in those same requests (`benchmark.niah.score`: the 7 digits
   verbatim in the answer).
 
@@ -62,7 +63,8 @@ from .throughput import (BenchConfigError, _free, _make_llm, _sync, check_method
 
 BUDGET_COLUMNS = ["method", "knobs", "prompt_len", "num_requests", "kv_budget_bytes", "wall_s", "requests_per_min",
                   "output_tok_s", "peak_concurrent", "preemptions", "kv_bytes_per_seq", "kv_ratio_vs_vanilla",
-                  "slots_total", "slots_peak", "latent_rows_capacity", "latent_rows_peak", "niah_score"]
+                  "slots_total", "slots_peak", "latent_rows_capacity", "latent_rows_peak", "cache_hits", "caches_dropped",
+                  "niah_score"]
 MATCHED = ("snapkv", "pyramidkv", "adakv")  # methods whose `budget` knob --match_bytes sets
 
 HOW_TO_READ = (
@@ -232,6 +234,9 @@ def run_budget(llm: LLM, requests: list[dict], decode_tokens: int, tokenizer, de
         "slots_peak": st["slots_peak"],
         "latent_rows_capacity": st.get("latent_rows_capacity", "-"),
         "latent_rows_peak": st.get("latent_rows_peak", "-"),
+        # DeltaKV reuse_reconstructed: tokens read from the caches, and caches reclaimed for room
+        "cache_hits": st.get("reconstruct_cache_hits", "-"),
+        "caches_dropped": st.get("reconstruct_caches_dropped", "-"),
         "niah_score": sum(r["score"] for r in records) / len(records),
         "_records": records,
     }
