@@ -733,18 +733,13 @@ class DeltaKVCache(CacheMethod):
 
         return rope_half_tables(self.inv_freq, pos.to(self.inv_freq.device))
 
-    def _pre_rope_many(self, gather_inv, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Joined pre-RoPE KV [Ls, n, W] of pool slots [Ls, Hkv, n] (several layers, same positions [n])."""
+    def _pre_rope_kv(self, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Joined pre-RoPE KV [Ls, n, W] of pool slots [Ls, Hkv, n] (one or more layers, same positions [n])."""
         ls, hkv, n = slots.shape
         cos, sin = self._tables(pos)
-        out = gather_inv(self.pool.k, self.pool.v, slots.transpose(0, 1).reshape(hkv, ls * n), cos.repeat(ls, 1),
-                         sin.repeat(ls, 1), self.rope_scaling)
+        out = self._kernels[0](self.pool.k, self.pool.v, slots.transpose(0, 1).reshape(hkv, ls * n), cos.repeat(ls, 1),
+                               sin.repeat(ls, 1), self.rope_scaling)
         return out.view(ls, n, -1)
-
-    def _pre_rope_kv(self, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Joined pre-RoPE KV [n, W] of pool slots [Hkv, n] at positions [n]."""
-        cos, sin = self._tables(pos)
-        return self._kernels[0](self.pool.k, self.pool.v, slots, cos, sin, self.rope_scaling)
 
     # ------------------------------------------------------------------ lifecycle
     def new_sequence(self, seq) -> None:
@@ -916,7 +911,7 @@ class DeltaKVCache(CacheMethod):
             pmask = (self._is_proto(fpos) if self.config.proto_grid == "global"
                      else fpos < max(seq.kv.state.compressed_upto, self.sinks))  # per_block: every exact token there
             ppos = fpos[pmask]
-            proto_kv = self._pre_rope_kv(slots_full[:, pmask], ppos)
+            proto_kv = self._pre_rope_kv(slots_full[None, :, pmask], ppos)[0]
             lookup = torch.full((int(self._ordinal(ppos).max()) + 2 if len(ppos) else 1,), -1, dtype=torch.long,
                                 device=ppos.device)
             lookup[self._ordinal(ppos)] = torch.arange(len(ppos), device=ppos.device)
@@ -985,7 +980,7 @@ class DeltaKVCache(CacheMethod):
         kv_all = seq.kv
         done = st.compressed_upto
         block_start = max(done, self.sinks)
-        gather_inv, _, topk = self._kernels
+        topk = self._kernels[2]
         lens = kv_all.lens[self.sparse]  # [Ls, Hkv] host
         t = int(lens[0, 0])
         if not bool((lens == t).all()):
@@ -999,13 +994,13 @@ class DeltaKVCache(CacheMethod):
         if n == 0:
             st.compressed_upto = boundary
             return
-        ls, hkv = slots.shape[:2]
+        ls = slots.shape[0]
         cpos = pos[comp]
-        kv = self._pre_rope_many(gather_inv, slots[:, :, comp], cpos)  # [Ls, n, W]
+        kv = self._pre_rope_kv(slots[:, :, comp], cpos)  # [Ls, n, W]
         if self.num_fathers:
             pmask = proto & (pos < cpos.max())
             ppos = pos[pmask]
-            proto_kv = self._pre_rope_many(gather_inv, slots[:, :, pmask], ppos)  # [Ls, P, W]
+            proto_kv = self._pre_rope_kv(slots[:, :, pmask], ppos)  # [Ls, P, W]
             w = kv.shape[2] // 2 if self.ref.cluster_on == "k" else kv.shape[2]  # K half: cluster_on_kv=False
             fathers = topk(kv[..., :w].contiguous(), cpos, proto_kv[..., :w].contiguous(), ppos, self.num_fathers,
                            self.ref.metric)  # [Ls, n, K] per layer's prototypes
