@@ -129,12 +129,21 @@ def write_table(rows, prompts, depths, a) -> Path:
              "| method | budget | " + " | ".join(f"depth {d:g}%" for d in depths) + " | accuracy | KV MiB | decode tok/s |",
              "|---|---|" + "---|" * len(depths) + "---|---|---|"]
     for r in rows:
-        cells = " | ".join("ok" if r["acc"][d] else "miss" for d in depths)
-        lines.append(f"| {r['method']} | {r['budget']} | {cells} | {r['mean']:.0f}% | {r['kv_mb']:.2f} | {r['tok_s']:.1f} |")
-    lines += ["", "Answers (per depth):", ""]
-    for r in rows:
-        lines.append(f"- {r['method']} {r['budget']}: " + " / ".join(repr(t.strip()) for t in r["answers"]))
-    out = Path(a.out)
+        lines.append(f"| {r['method']} | {r['budget']} | {depth_cells(r['acc'], depths)} | {r['mean']:.0f}% | "
+                     f"{r['kv_mb']:.2f} | {r['tok_s']:.1f} |")
+    return write_report(lines, rows, lambda r: f"{r['method']} {r['budget']}", a.out)
+
+
+def depth_cells(acc: dict, depths) -> str:
+    """One table cell per needle depth: ok / miss."""
+    return " | ".join("ok" if acc[d] else "miss" for d in depths)
+
+
+def write_report(lines: list[str], rows: list[dict], label, out) -> Path:
+    """The table `lines`, then each row's answers per depth (named by `label(row)`), written to `out`."""
+    lines = lines + ["", "Answers (per depth):", ""]
+    lines += [f"- {label(r)}: " + " / ".join(repr(t.strip()) for t in r["answers"]) for r in rows]
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.niah_methods import build_prompts
+from experiments.niah_methods import build_prompts, depth_cells, write_report
 from sparse_engine import LLM, SamplingParams
 
 DEFAULT_COMPRESSOR = "runs/smoke/compressor"
@@ -117,16 +117,10 @@ def write(rows, depths, a, load, total_s) -> Path:
              + " | accuracy | KV MiB after prefill | peak pool MiB | wall s (load avg after) |",
              "|---|---|---|" + "---|" * len(depths) + "---|---|---|---|"]
     for r in rows:
-        cells = " | ".join("ok" if r["acc"][d] else "miss" for d in depths)
         lines.append(f"| {r['length']} ({min(r['tokens'])}-{max(r['tokens'])} tok) | {r['method']} | {r['mode']} | "
-                     f"{cells} | {r['mean']:.0f}% | {r['kv_mib']:.1f} | {r['peak_mib']:.1f} | {r['wall_s']:.0f} ({r.get('load', float('nan')):.1f}) |")
-    lines += ["", "Answers (per depth):", ""]
-    for r in rows:
-        lines.append(f"- {r['length']} {r['method']} {r['mode']}: " + " / ".join(repr(t.strip()) for t in r["answers"]))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    return out
+                     f"{depth_cells(r['acc'], depths)} | {r['mean']:.0f}% | {r['kv_mib']:.1f} | {r['peak_mib']:.1f} | "
+                     f"{r['wall_s']:.0f} ({r.get('load', float('nan')):.1f}) |")
+    return write_report(lines, rows, lambda r: f"{r['length']} {r['method']} {r['mode']}", a.out)
 
 
 if __name__ == "__main__":
