@@ -234,3 +234,21 @@ def test_interleaved_prints_one_row_per_variant(shipped_model_path, capsys):
     assert rows[1][4].strip() == "1.000"
     for r in rows[1:]:
         assert abs(float(r[3]) - 1000 * 2 / float(r[1])) < 0.02 * float(r[3])
+
+
+def test_interleaved_prefill_rounds(shipped_model_path, capsys):
+    """`--prefill N` times whole-prompt prefills taking turns: one row per variant, tok/s = batch x
+    length / median round."""
+    import json
+
+    from benchmark import interleaved
+
+    variants = {"base": ["vanilla", {}], "omni": ["omnikv", {"num_top_tokens": 8, "full_attn_layers": [0]}]}
+    interleaved.main(["--model", str(shipped_model_path), "--length", "40", "--batch", "2", "--prefill", "2",
+                      "--chunk_prefill_size", "16", "--threads", "1", "--variants", json.dumps(variants)])
+    out = capsys.readouterr().out
+    assert "prefill of 2 x 40 tokens, 2 interleaved rounds" in out
+    rows = [l.split("|")[1:-1] for l in out.splitlines() if l.startswith("| ") and "---" not in l]
+    assert [r[0].strip() for r in rows[1:]] == ["base", "omni"] and rows[1][4].strip() == "1.000"
+    for r in rows[1:]:
+        assert abs(float(r[3]) - 2 * 40 / float(r[1])) <= 0.01 * float(r[3]) + 1

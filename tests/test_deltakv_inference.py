@@ -323,3 +323,30 @@ def test_bf16_up_matmul_is_the_bf16_rounded_product(tiny):
     gelu.config.up = "mlp_gelu"
     with pytest.raises(ValueError, match="up_matmul_dtype='float32'"):
         LLM(tiny, method="deltakv", deltakv_path=gelu, up_matmul_dtype="bf16", **COMMON)
+
+
+def test_prefill_chunks_take_the_causal_fast_path(tiny, monkeypatch):
+    """A prefill chunk that reads every compressed token (no top-k in prefill) attends on the dense causal
+    path in EVERY layer: the full layer (its table is whole though the sparse ones are shorter) and the
+    sparse ones, whose view (kept exact tokens + reconstructed ones) is sorted so column j holds
+    position j. Checked against the pool: the positions stored in the slots each dense view reads."""
+    import sparse_engine.cache.base as base
+
+    calls = []
+    real = base.attend_group
+
+    def spy(q, group, table, lens, pool, *args, dense=False, **kw):
+        if not group.decode:
+            calls.append((dense, pool.pos[table].clone(), int(group.q_pos.max()) + 1))
+        return real(q, group, table, lens, pool, *args, dense=dense, **kw)
+
+    monkeypatch.setattr(base, "attend_group", spy)
+    llm = LLM(tiny, method="deltakv", deltakv_path=tiny_compressor(latent=24, seed=5), latent_dtype="int4",
+              num_top_tokens=10, recent_size=8, **COMMON)
+    llm.generate([prompts()[1]], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    num_layers = 4
+    assert len(calls) == num_layers * 4  # 110 tokens in chunks of 32: 4 chunks x 4 layers
+    assert all(dense for dense, _, _ in calls)
+    for _, kpos, end in calls:
+        assert torch.equal(kpos, torch.arange(end).expand_as(kpos))
+    assert llm.kv_stats()["compressed_tokens"] > 50  # the later chunks did read reconstructed tokens

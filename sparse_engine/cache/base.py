@@ -189,8 +189,11 @@ class CacheMethod:
             g.lens = g.lens_host.to(self.pool.device)
             if not g.decode:  # host-side check: nothing evicted or reordered -> a plain causal prefill
                 ends = {plan.starts[b] + plan.num_new[b] for b in g.bidx}
-                g.dense = len(ends) == 1 and len({plan.num_new[b] for b in g.bidx}) == 1 and \
-                    bool((g.lens_host == t).all()) and t == ends.pop()
+                if len(ends) == 1 and len({plan.num_new[b] for b in g.bidx}) == 1 and t == ends.pop():
+                    # per layer: a method that narrows some layers (DeltaKV's compressed ones) keeps
+                    # the fast path on the layers it leaves whole
+                    g.dense_layers = (g.lens_host == t).all(2).all(0).tolist()
+                    g.dense = all(g.dense_layers)
             g.kv_valid = torch.arange(t, device=g.lens.device) < g.lens[..., None]
             # per-layer views made once per step (a layer then indexes a Python list: no op)
             g.per_layer = list(zip(g.table.unbind(1), g.lens.unbind(1), g.kv_valid.unbind(1)))
@@ -210,7 +213,7 @@ class CacheMethod:
     def layer_view(self, plan, layer: int, group) -> BatchView:
         """The read table of `layer` for `group` (default: everything the sequences hold)."""
         table, lens, valid = group.per_layer[layer]
-        return BatchView(table, lens, valid=valid, dense=group.dense)
+        return BatchView(table, lens, valid=valid, dense=group.dense_layers is not None and group.dense_layers[layer])
 
     def observe_layer(self, plan, layer: int, group, q: torch.Tensor, view: BatchView, kv) -> None:
         """After a group's attention: q [N, Hq, D] (the step's flat queries), `kv` = (k [G, Hkv, T, D],

@@ -255,6 +255,9 @@ class _GroupPlan:
     scratch_real: torch.Tensor | None  # the allocated scratch slots (freed at the end of the step)
     views: dict = field(default_factory=dict)  # observer -> (li, lvalid, rope_r, cols, lens, valid)
     cache: GroupCache | None = None  # reuse_reconstructed (decode groups): the rows' stacked caches
+    # prefill chunk reading every token (no top-k this step): the sparse view sorted by position holds
+    # positions 0..end-1 -> the causal fast path of `attend_group` (no [n, T] mask; ~1.4x at 4K on CPU)
+    dense: bool = False
 
 
 def free_all(free, chunks: list) -> None:
@@ -436,9 +439,12 @@ class DeltaKVCache(CacheMethod):
                 o += wb * hkv
             scratch_real = real
         hist_hi_d, k_d = torch.tensor([hist_hi, ks], dtype=torch.long).to(dev)
+        ends = [plan.starts[b] + plan.num_new[b] for b in group.bidx]
+        dense = (not group.decode and not selects and len(set(ends)) == 1 and len({plan.num_new[b] for b in group.bidx}) == 1
+                 and all(int(lens_s_host[row]) + nls[row] == ends[row] for row in range(G)))
         return _GroupPlan(selects, hist_hi_d, k_d, max(ks), t_s, lens_s, kpos_s, colmap,
                           self._tables(kpos_s.clamp(max=p_max - 1).reshape(-1)), lat_pos, lat_rows, nl, w, scratch,
-                          scratch_real, cache=cache)
+                          scratch_real, cache=cache, dense=dense)
 
     def _rule(self, seq, start: int):
         """(top-k budget or None, history end) of a sequence's step whose first query is at `start`
@@ -500,6 +506,13 @@ class DeltaKVCache(CacheMethod):
                                           rpos[:, None, :].expand(G, hkv, gp.w).reshape(-1))
                 rope_r = self._tables(rpos.reshape(-1))
                 keep = torch.cat([keep, lvalid], dim=1)
+        if gp.dense:  # every position once (table + reconstructed tokens): sort the columns by position
+            pos = torch.cat([gp.kpos_s, rpos], dim=1) if gp.w else gp.kpos_s
+            end = int(gp.colmap.shape[1]) - 1  # p_max: the chunk's end
+            cols = torch.sort(pos.masked_fill(~keep, end), dim=1, stable=True).indices[:, :end]
+            lens = torch.full((G, hkv), end, dtype=torch.long, device=dev)
+            gp.views[layer] = (li, lvalid, rope_r, cols, lens, None, mcol)
+            return
         cols = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, in order
         n_keep = keep.sum(1)
         lens = n_keep[:, None].expand(G, hkv).contiguous()
@@ -683,7 +696,7 @@ class DeltaKVCache(CacheMethod):
             self._reconstruct_layers(gp, group, (layer,), li, rope_r, gp.scratch[None])
             self._reconstructed += lvalid.sum()  # device counter: no sync
             tab = torch.cat([tab, gp.scratch], dim=2)
-        return BatchView(tab.gather(2, cols[:, None, :].expand(G, hkv, cols.shape[1])), lens, valid=valid)
+        return BatchView(tab.gather(2, cols[:, None, :].expand(G, hkv, cols.shape[1])), lens, valid=valid, dense=gp.dense)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -36,6 +36,7 @@ class RowGroup:
     lens: torch.Tensor | None = None
     lens_host: torch.Tensor | None = None
     dense: bool = False  # prefill: every table holds positions 0..T-1 in order, same n and T (set by the method)
+    dense_layers: list[bool] | None = None  # the same, layer by layer (None: no layer is)
     per_layer: list | None = None  # [(table, lens, valid) of each layer]: unbound once per step
     kv_valid: torch.Tensor | None = None  # [G, L, Hkv, T] entries < lens: decode masks, built once per step
 
