@@ -38,10 +38,11 @@ A `budget` given in a variant's knobs wins.
 
 `--chunk_prefill_size` (deltakv-bench's default 4096) matters here: a prefill chunk is held at full
 precision until the method compresses it (DeltaKV after every chunk, snapkv / pyramidkv after the prompt's
-last chunk), and the scheduler admits a request as soon as its next chunk fits. With one chunk per prompt
-(chunk >= prompt) nothing is half prefilled, but DeltaKV's full-precision chunk bounds how many requests
-it can start next to resident ones; with smaller chunks DeltaKV reaches its steady-state bytes, but a
-request whose next chunk does not fit is preempted (its chunks recomputed), which shows in `preemptions`.
+last chunk). With the engine's default `admission='prompt'` a request starts beside running ones only
+when its whole prompt fits at the method's footprint (DeltaKV: compressed, plus its chunk peak), so
+nothing is prefilled only to be preempted; `"admission": "chunk"` in a variant's knobs starts it as soon
+as its next chunk fits (vLLM V1's rule), and a request whose later chunk does not fit is then preempted
+and its chunks recomputed, which shows in `preemptions`.
 
 Results: `results_budget.md` / `results_budget.csv` in `--out`, first line the command; rewritten after
 every method.
@@ -79,10 +80,11 @@ HOW_TO_READ = (
     "carved from the one budget. niah_score is the fraction of these same requests whose answer (up to the "
     "first EOS) contains the needle's 7 digits: what the speed costs in retrieval. peak_concurrent also depends "
     "on chunk_prefill_size: each prefill chunk is held at full precision until the method compresses it "
-    "(DeltaKV after every chunk, snapkv / pyramidkv after the prompt's last one), and the scheduler admits a "
-    "request when its next chunk fits, so with chunks shorter than the prompt a request can be admitted, "
-    "partially prefilled, preempted and recomputed (counted in preemptions). Wall times are only comparable on "
-    "a quiet machine."
+    "(DeltaKV after every chunk, snapkv / pyramidkv after the prompt's last one). The scheduler starts a "
+    "request beside running ones when its whole prompt fits at the method's footprint (admission='prompt', "
+    "the default) or, with admission='chunk', when its next chunk fits: a request can then be partially "
+    "prefilled, preempted and recomputed (counted in preemptions). Wall times are only comparable on a quiet "
+    "machine."
 )
 
 

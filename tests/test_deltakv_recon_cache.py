@@ -130,7 +130,7 @@ def test_caches_are_evictable_under_a_tight_budget(tiny, kv_cache_bytes, drops):
     the cache counted in `max_slots`, so 180,000 bytes refused the 140-token request, and it grew
     into the slots of the sequences it was meant to speed up), with no more preemptions and the
     same tokens; caches are dropped when room runs out and used when there is room."""
-    over = dict(kv_cache_bytes=kv_cache_bytes)
+    over = dict(kv_cache_bytes=kv_cache_bytes, admission="chunk")  # prompts started early: room runs out
     base, ref = _run(tiny, **over)
     llm, outs = _run(tiny, reuse_reconstructed=True, **over)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]

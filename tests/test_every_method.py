@@ -221,7 +221,8 @@ def test_preemption_gives_same_tokens(tiny, method):
     runs, diffs = [], []
     for frac in PREEMPT_POOLS:
         slots = int(need * frac)
-        llm = make_llm(tiny, method, **budget_for(roomy, slots))
+        # admission='chunk': prompts start when a chunk fits, so these pools do preempt ('prompt' avoids most)
+        llm = make_llm(tiny, method, **budget_for(roomy, slots), admission="chunk")
         assert slots <= llm.pool.num_slots <= slots + 1
         assert llm.pool.num_slots * llm.pool.bytes_per_slot + llm.kv_stats().get("latent_arena_bytes", 0) \
             <= llm.kv_budget_bytes  # one budget: slots + latent rows

@@ -62,8 +62,9 @@ def test_engine_checks_with_sparse_layers(tiny):
     assert tokens(ours) == ref
     assert all(o["kv_bytes"] < p["kv_bytes"] for o, p in zip(ours[1:], plain[1:]))  # prompts >= 75 quantize
     # a tight pool (the largest request's admission bound) preempts and gives the same tokens
+    # (admission='chunk' starts prompts that do not fit whole: the preemption path is exercised)
     need = max(llm.method.max_slots(n + m) for n, m in zip(LENGTHS, MAX_TOKENS))
-    tight = LLM(tiny, method="deltakv", **dk(**KIVI), **{**COMMON, **budget_for(llm, need)})
+    tight = LLM(tiny, method="deltakv", **dk(**KIVI), **{**COMMON, **budget_for(llm, need), "admission": "chunk"})
     assert tokens(tight.generate(prompts(), params(), use_tqdm=False)) == ref
     assert tight.kv_stats()["num_preemptions"] > 0
     assert_no_leak(tight, "deltakv+kivi tight pool")

@@ -145,6 +145,12 @@ class CacheMethod:
         """Peak slots one sequence of `num_tokens` can hold (admission check against the pool)."""
         return self.slots_needed(None, num_tokens)
 
+    def admission_slots(self, num_tokens: int) -> int:
+        """Pool slots to find free before a request of `num_tokens` prompt tokens starts beside
+        running ones (`admission='prompt'`): what it holds once its prompt is in. Default:
+        `max_slots`; a method may add room it wants for speed (DeltaKV's reconstruction cache)."""
+        return self.max_slots(num_tokens)
+
     # A method may hold pool slots it can give back at any time (DeltaKV's reconstruction caches: a
     # speed-up, not state). The scheduler reclaims them before it preempts a sequence or turns one away.
     def reclaimable(self) -> int:

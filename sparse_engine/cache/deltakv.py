@@ -841,6 +841,18 @@ class DeltaKVCache(CacheMethod):
                       else min(num_tokens, self.sinks + protos + window + chunk))
         return self._full_layer_slots(num_tokens, chunk) + (len(self.sparse) * per_sparse + num_tokens) * self.spec.num_kv_heads
 
+    def admission_slots(self, num_tokens: int) -> int:
+        """With `reuse_reconstructed`, room for the sequence's reconstruction cache too (admission
+        ='prompt'): a request then starts only while the running ones keep room for their caches,
+        which are what makes their decode fast (without it each new request would take that room
+        and the caches would be dropped: 0 cache hits in the 1.5-vanilla budget runs)."""
+        slots, cfg = self.max_slots(num_tokens), self.config
+        if cfg.reuse_reconstructed and cfg.num_top_tokens is not None:
+            n_hist = max(0, num_tokens - self.sinks - cfg.recent_size)
+            k = top_count(cfg.num_top_tokens, n_hist) if n_hist else 0
+            slots += self._cache_width(k, self._compressible(num_tokens, 0)) * len(self.sparse) * self.spec.num_kv_heads
+        return slots
+
     # ------------------------------------------------------------------ scheduling
     def _num_latent(self, seq) -> int:
         return seq.kv.state.num_latent if getattr(seq, "kv", None) is not None else 0

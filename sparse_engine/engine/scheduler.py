@@ -5,6 +5,10 @@ step), then admits waiting ones while the token budget, `max_num_seqs` and free 
 a running sequence needs slots that are not free, the method's evictable slots are reclaimed first
 (`reclaim`: DeltaKV's reconstruction caches), then the youngest running sequence is preempted: its
 slots return to the pool and it is re-queued to recompute its KV later (never a crash).
+
+Admission (`EngineConfig.admission`): with "prompt" a waiting request starts beside running ones only
+when the free budget holds its whole prompt (the method's footprint) after what the running prompts
+still need, so no prompt is prefilled only to be preempted; with "chunk" when its next chunk fits.
 """
 
 from __future__ import annotations
@@ -63,6 +67,21 @@ class Scheduler:
             return self.pool.num_free - reserved >= need
         return False
 
+    def _prompt_left(self, seq: Sequence, done: int) -> tuple[int, int]:
+        """Slots and rows a sequence's prompt still claims once `done` tokens are in (footprints)."""
+        if done >= seq.num_prompt_tokens:
+            return 0, 0
+        m, p = self.method, seq.num_prompt_tokens
+        return (max(0, m.admission_slots(p) - (m.max_slots(done) if done else 0)),
+                max(0, m.max_rows(p) - (m.max_rows(done) if done else 0)))
+
+    def _room_for_prompt(self, seq: Sequence, reserved: int, reserved_rows: int, owed: tuple[int, int]) -> bool:
+        """admission='prompt': the whole prompt of `seq` fits beside this step's reservations and
+        what the running prompts still claim (`owed`)."""
+        need, rows = self._prompt_left(seq, 0)
+        return (self.pool.num_free - reserved - owed[0] >= need
+                and self.method.rows_free() - reserved_rows - owed[1] >= rows)
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Pool slots AND the method's rows outside the pool (DeltaKV latents) are both reserved for
         the step; whichever runs short preempts the youngest running sequence."""
@@ -91,6 +110,11 @@ class Scheduler:
             reserved_rows += rows
             budget -= n
             i += 1
+        owed = None  # admission='prompt': (slots, rows) the running prompts still claim
+        if self.config.admission == "prompt" and self.waiting:
+            done = {s.seq_id: s.num_computed + n for s, n in batch}
+            left = [self._prompt_left(s, done.get(s.seq_id, s.num_computed)) for s in self.running]
+            owed = (sum(x for x, _ in left), sum(r for _, r in left))
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if seq.seq_id in preempted and self.running:
@@ -99,8 +123,14 @@ class Scheduler:
             if n == 0:
                 break
             need, rows = self.method.slots_needed(seq, n), self.method.rows_needed(seq, n)
+            if owed is not None and seq.kv is None and self.running \
+                    and not self._room_for_prompt(seq, reserved, reserved_rows, owed):
+                break
             if not self._fits(need, rows, reserved, reserved_rows):
                 break
+            if owed is not None:
+                left = self._prompt_left(seq, n)
+                owed = (owed[0] + left[0], owed[1] + left[1])
             self.waiting.popleft()
             seq.status = Status.RUNNING
             if seq.kv is None:  # forked or held sessions arrive with their KV
