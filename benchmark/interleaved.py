@@ -72,14 +72,20 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             llm.step()
             times[n].append(1000 * (time.perf_counter() - t))
-    print(environment_line(), f"| {a.length} tokens x batch {a.batch}, {a.steps} interleaved decode steps", flush=True)
-    print("| variant | median step ms | mean step ms | tok/s (median) | first/this |")
+    _report(f"| {a.length} tokens x batch {a.batch}, {a.steps} interleaved decode steps", "step ms", 1,
+            "tok/s", 1000 * a.batch, 2, times)
+
+
+def _report(title: str, unit: str, digits: int, rate: str, work: float, rate_digits: int, times: dict) -> None:
+    """One row per variant: median and mean time, `work` / median as a rate, first variant's median / this one's."""
+    print(environment_line(), title, flush=True)
+    print(f"| variant | median {unit} | mean {unit} | {rate} (median) | first/this |")
     print("|---|---|---|---|---|")
     base = None
     for n, v in times.items():
         med = statistics.median(v)
         base = base or med
-        print(f"| {n} | {med:.1f} | {statistics.mean(v):.1f} | {1000 * a.batch / med:.2f} | {base / med:.3f} |")
+        print(f"| {n} | {med:.{digits}f} | {statistics.mean(v):.{digits}f} | {work / med:.{rate_digits}f} | {base / med:.3f} |")
 
 
 def _prefill_rounds(a, variants, model, tok, extra) -> None:
@@ -100,14 +106,8 @@ def _prefill_rounds(a, variants, model, tok, extra) -> None:
             times[n].append(time.perf_counter() - t)
             while llm.scheduler.has_work():
                 llm.step()
-    print(environment_line(), f"| prefill of {a.batch} x {a.length} tokens, {a.prefill} interleaved rounds", flush=True)
-    print("| variant | median round s | mean round s | prompt tok/s (median) | first/this |")
-    print("|---|---|---|---|---|")
-    base = None
-    for n, v in times.items():
-        med = statistics.median(v)
-        base = base or med
-        print(f"| {n} | {med:.2f} | {statistics.mean(v):.2f} | {a.batch * a.length / med:.0f} | {base / med:.3f} |")
+    _report(f"| prefill of {a.batch} x {a.length} tokens, {a.prefill} interleaved rounds", "round s", 2,
+            "prompt tok/s", a.batch * a.length, 0, times)
 
 
 if __name__ == "__main__":
