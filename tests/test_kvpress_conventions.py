@@ -128,7 +128,8 @@ def test_streaming_once_engine_checks(tiny):
     ref = tokens(llm.generate(prompts(), params(), use_tqdm=False))
     assert [llm.generate([p], [s], use_tqdm=False)[0]["token_ids"] for p, s in zip(prompts(), params())] == ref
     need = max(llm.method.max_slots(n + m) for n, m in zip(LENGTHS, MAX_TOKENS))
-    tight = LLM(tiny, method="streaming", **knobs, **{**EVERY, **budget_for(llm, need)})
+    # admission='chunk': prompts start when a chunk fits, so the tight pool does preempt
+    tight = LLM(tiny, method="streaming", **knobs, **{**EVERY, **budget_for(llm, need), "admission": "chunk"})
     assert tokens(tight.generate(prompts(), params(), use_tqdm=False)) == ref
     assert tight.kv_stats()["num_preemptions"] > 0
     assert_no_leak(tight, "streaming once, tight pool")
