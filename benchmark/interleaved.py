@@ -106,7 +106,7 @@ def _prefill_rounds(a, variants, model, tok, extra) -> None:
             times[n].append(time.perf_counter() - t)
             while llm.scheduler.has_work():
                 llm.step()
-    _report(f"| prefill of {a.batch} x {a.length} tokens, {a.prefill} interleaved rounds", "round s", 2,
+    _report(f"| prefill of {a.batch} x {a.length} tokens, {a.prefill} interleaved rounds", "round s", 3,
             "prompt tok/s", a.batch * a.length, 0, times)
 
 
