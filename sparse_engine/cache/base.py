@@ -199,7 +199,6 @@ class CacheMethod:
                     # per layer: a method that narrows some layers (DeltaKV's compressed ones) keeps
                     # the fast path on the layers it leaves whole
                     g.dense_layers = (g.lens_host == t).all(2).all(0).tolist()
-                    g.dense = all(g.dense_layers)
             g.kv_valid = torch.arange(t, device=g.lens.device) < g.lens[..., None]
             # per-layer views made once per step (a layer then indexes a Python list: no op)
             g.per_layer = list(zip(g.table.unbind(1), g.lens.unbind(1), g.kv_valid.unbind(1)))

@@ -35,8 +35,9 @@ class RowGroup:
     table: torch.Tensor | None = None
     lens: torch.Tensor | None = None
     lens_host: torch.Tensor | None = None
-    dense: bool = False  # prefill: every table holds positions 0..T-1 in order, same n and T (set by the method)
-    dense_layers: list[bool] | None = None  # the same, layer by layer (None: no layer is)
+    # prefill, per layer: every table holds positions 0..T-1 in order, same n and T (set by the method;
+    # None: the group's chunks end at different positions or decode, so no layer is)
+    dense_layers: list[bool] | None = None
     per_layer: list | None = None  # [(table, lens, valid) of each layer]: unbound once per step
     kv_valid: torch.Tensor | None = None  # [G, L, Hkv, T] entries < lens: decode masks, built once per step
 
